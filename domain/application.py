@@ -1,0 +1,277 @@
+"""JobsApplication: the only way to write to the event store.
+
+Every command is safe to repeat: a redelivered message finds its effect already
+recorded and changes nothing. Concurrent writers to one job are serialised by
+the store's optimistic concurrency: a conflicting save is retried against the
+fresh state, and raised as `ConcurrencyConflictError` if it keeps conflicting,
+so no write is ever lost.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError
+
+from domain.errors import (
+    ClaimConflictError,
+    ConcurrencyConflictError,
+    DuplicateReportError,
+    IdempotencyConflictError,
+    JobError,
+    JobNotFoundError,
+    JobTerminalError,
+    StaleAttemptError,
+)
+from domain.job import Job, JobStatus, job_id_for
+from domain.metrics import JobMetrics, metrics_id_for
+from domain.spec import JobSpec
+
+T = TypeVar("T")
+
+
+class Outcome(StrEnum):
+    """What a report did to the job."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"  # same attempt and seq already recorded: nothing changed
+    STALE = "stale"  # from an attempt that is no longer current: nothing changed
+    IGNORED = "ignored"  # the job already ended: nothing changed
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """The answer to a node's claim: granted, or refused with the reason."""
+
+    granted: bool
+    attempt: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ProgressReport:
+    """One progress report of an attempt: the trainer's step and its statistics."""
+
+    attempt: int
+    seq: int
+    step: int
+    stats: Mapping[str, Any]
+
+
+def _report_outcome(error: JobError) -> Outcome:
+    if isinstance(error, DuplicateReportError):
+        return Outcome.DUPLICATE
+    if isinstance(error, StaleAttemptError):
+        return Outcome.STALE
+    if isinstance(error, JobTerminalError):
+        return Outcome.IGNORED
+    raise error
+
+
+class JobsApplication(Application[UUID]):
+    """Commands on training jobs, recorded as events."""
+
+    name = "Jobs"
+    is_snapshotting_enabled = True
+    # Metrics streams are snapshotted every this many events (see _save_metrics).
+    SNAPSHOT_INTERVAL = 200
+    CONFLICT_RETRIES = 30
+
+    def __init__(self, env: Mapping[str, str] | None = None, *, max_attempts: int = 3) -> None:
+        # Cache aggregates and fast-forward them from the store on every get: a command then
+        # reads only the events it has not seen, and other writers' events are never missed.
+        super().__init__({"AGGREGATE_CACHE_MAXSIZE": "1000", **(env or {})})
+        self.max_attempts = max_attempts
+
+    # --- plumbing -----------------------------------------------------------
+
+    def _retrying(self, job_id: UUID, command: Callable[[], T]) -> T:
+        """Run a load-decide-save command, again on a concurrency conflict."""
+        for tries in range(1, self.CONFLICT_RETRIES + 1):
+            try:
+                return command()
+            except IntegrityError:
+                if tries == self.CONFLICT_RETRIES:
+                    break
+                # Back off with jitter so colliding writers spread out instead of colliding again.
+                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**tries)))  # noqa: S311
+        raise ConcurrencyConflictError(job_id, self.CONFLICT_RETRIES)
+
+    def get_job(self, job_id: UUID) -> Job:
+        """The job's current state."""
+        try:
+            job: object = self.repository.get(job_id)
+        except AggregateNotFoundError:
+            raise JobNotFoundError(job_id) from None
+        assert isinstance(job, Job)
+        return job
+
+    def get_metrics(self, job_id: UUID) -> JobMetrics:
+        """The job's metrics stream state (dedup state and counts, not the series)."""
+        try:
+            metrics: object = self.repository.get(metrics_id_for(job_id))
+        except AggregateNotFoundError:
+            raise JobNotFoundError(job_id) from None
+        assert isinstance(metrics, JobMetrics)
+        return metrics
+
+    # --- commands -----------------------------------------------------------
+
+    def submit(self, spec: JobSpec, client_id: str, request_id: str | None = None) -> UUID:
+        """Record a new job and queue its first attempt; repeating `request_id` is harmless."""
+        job_key = f"{client_id}:{request_id}" if request_id else f"{client_id}:{uuid4()}"
+        job = Job(
+            job_key=job_key,
+            client_id=client_id,
+            spec=spec.to_dict(),
+            max_attempts=self.max_attempts,
+        )
+        job.enqueue()
+        metrics = JobMetrics(job_id=job.id)
+        try:
+            self.save(job, metrics)
+        except IntegrityError:
+            existing = self.get_job(job_id_for(job_key))
+            if existing.spec != job.spec or existing.client_id != client_id:
+                raise IdempotencyConflictError(existing.id) from None
+        return job.id
+
+    def claim(self, job_id: UUID, attempt: int, node_id: str) -> ClaimResult:
+        """Grant `attempt` to one node only; a redelivered claim from its holder is granted."""
+
+        def command() -> ClaimResult:
+            job = self.get_job(job_id)
+            try:
+                if job.claim(attempt, node_id):
+                    self.save(job)
+            except (StaleAttemptError, JobTerminalError, ClaimConflictError) as error:
+                return ClaimResult(False, attempt, str(error))
+            if job.cancel_requested:
+                return ClaimResult(False, attempt, f"job {job_id}: cancel requested")
+            return ClaimResult(True, attempt)
+
+        return self._retrying(job_id, command)
+
+    def _report(self, job_id: UUID, apply: Callable[[Job], None]) -> Outcome:
+        def command() -> Outcome:
+            job = self.get_job(job_id)
+            try:
+                apply(job)
+            except (DuplicateReportError, StaleAttemptError, JobTerminalError) as error:
+                return _report_outcome(error)
+            self.save(job)
+            return Outcome.APPLIED
+
+        return self._retrying(job_id, command)
+
+    def report_started(
+        self, job_id: UUID, attempt: int, seq: int, info: Mapping[str, Any]
+    ) -> Outcome:
+        """The node started training the attempt (versions, build hash, command, config)."""
+        return self._report(job_id, lambda job: job.start(attempt, seq, dict(info)))
+
+    def report_completed(
+        self,
+        job_id: UUID,
+        attempt: int,
+        seq: int,
+        model_key: str,
+        model_sha256: str,
+        info: Mapping[str, Any] | None = None,
+    ) -> Outcome:
+        """The attempt trained to the end and its model is stored."""
+        return self._report(
+            job_id,
+            lambda job: job.complete(attempt, seq, model_key, model_sha256, dict(info or {})),
+        )
+
+    def report_failed(
+        self,
+        job_id: UUID,
+        attempt: int,
+        seq: int,
+        reason: str,
+        details: Mapping[str, Any] | None = None,
+        *,
+        retryable: bool = False,
+    ) -> Outcome:
+        """The attempt failed; `retryable` re-queues it while attempts remain."""
+        return self._report(
+            job_id,
+            lambda job: job.fail(attempt, seq, reason, dict(details or {}), retryable=retryable),
+        )
+
+    def report_cancelled(self, job_id: UUID, attempt: int, seq: int) -> Outcome:
+        """The node stopped the attempt it was asked to cancel."""
+        return self._report(job_id, lambda job: job.confirm_cancelled(attempt, seq))
+
+    def request_cancel(self, job_id: UUID, reason: str = "cancelled by the client") -> JobStatus:
+        """Cancel a queued job now, or ask the node to stop a running one; returns the status."""
+
+        def command() -> JobStatus:
+            job = self.get_job(job_id)
+            job.request_cancel(reason)
+            self.save(job)
+            return job.status
+
+        return self._retrying(job_id, command)
+
+    def expire_lease(self, job_id: UUID, attempt: int) -> Outcome:
+        """The attempt's node went silent: re-queue the next attempt or fail the job."""
+        return self._report(job_id, lambda job: job.expire_lease(attempt))
+
+    def report_progress(
+        self, job_id: UUID, attempt: int, seq: int, step: int, stats: Mapping[str, Any]
+    ) -> Outcome:
+        """Record one progress report."""
+        return self.report_progress_batch(job_id, [ProgressReport(attempt, seq, step, stats)])[0]
+
+    def report_progress_batch(
+        self, job_id: UUID, reports: Sequence[ProgressReport]
+    ) -> list[Outcome]:
+        """Record many progress reports of one job in one transaction."""
+
+        def command() -> list[Outcome]:
+            job = self.get_job(job_id)
+            metrics = self.get_metrics(job_id)
+            before = metrics.version
+            outcomes: list[Outcome] = []
+            for r in reports:
+                try:
+                    job.accepts_progress(r.attempt, r.seq)
+                    metrics.report(r.attempt, r.seq, r.step, dict(r.stats))
+                except (DuplicateReportError, StaleAttemptError, JobTerminalError) as error:
+                    outcomes.append(_report_outcome(error))
+                except JobError:
+                    outcomes.append(Outcome.IGNORED)  # not claimed yet: nothing to attach it to
+                else:
+                    outcomes.append(Outcome.APPLIED)
+            if metrics.version != before:
+                self.save(metrics)
+                self._cache(metrics)
+                if metrics.version // self.SNAPSHOT_INTERVAL > before // self.SNAPSHOT_INTERVAL:
+                    self.snapshots_put(metrics)
+            return outcomes
+
+        return self._retrying(job_id, command)
+
+    def _cache(self, aggregate: JobMetrics) -> None:
+        """Keep the just-saved state, so the next command fast-forwards from here.
+
+        The library does not cache on save when it fast-forwards on get; without
+        this, every command would replay the previous command's events again.
+        """
+        if self.repository.cache is not None:
+            self.repository.cache.put(aggregate.id, aggregate)
+
+    def snapshots_put(self, aggregate: JobMetrics) -> None:
+        """Snapshot the in-memory state just saved (no reload, unlike take_snapshot)."""
+        assert self.snapshots is not None
+        self.snapshots.put([JobMetrics.Snapshot.take(aggregate)])
