@@ -63,6 +63,7 @@ class ProgressReport:
     seq: int
     step: int
     stats: Mapping[str, Any]
+    node_id: str | None = None
 
 
 def _report_outcome(error: JobError) -> Outcome:
@@ -172,10 +173,20 @@ class JobsApplication(Application[UUID]):
         return self._retrying(job_id, command)
 
     def report_started(
-        self, job_id: UUID, attempt: int, seq: int, info: Mapping[str, Any]
+        self,
+        job_id: UUID,
+        attempt: int,
+        seq: int,
+        info: Mapping[str, Any],
+        *,
+        node_id: str | None = None,
     ) -> Outcome:
-        """The node started training the attempt (versions, build hash, command, config)."""
-        return self._report(job_id, lambda job: job.start(attempt, seq, dict(info)))
+        """The node started training the attempt (versions, build hash, command, config).
+
+        Every report takes the reporting node's id: a report from a node that does
+        not hold the attempt's claim raises NotClaimHolderError.
+        """
+        return self._report(job_id, lambda job: job.start(attempt, seq, dict(info), node_id))
 
     def report_completed(
         self,
@@ -185,11 +196,15 @@ class JobsApplication(Application[UUID]):
         model_key: str,
         model_sha256: str,
         info: Mapping[str, Any] | None = None,
+        *,
+        node_id: str | None = None,
     ) -> Outcome:
         """The attempt trained to the end and its model is stored."""
         return self._report(
             job_id,
-            lambda job: job.complete(attempt, seq, model_key, model_sha256, dict(info or {})),
+            lambda job: job.complete(
+                attempt, seq, model_key, model_sha256, dict(info or {}), node_id
+            ),
         )
 
     def report_failed(
@@ -201,16 +216,21 @@ class JobsApplication(Application[UUID]):
         details: Mapping[str, Any] | None = None,
         *,
         retryable: bool = False,
+        node_id: str | None = None,
     ) -> Outcome:
         """The attempt failed; `retryable` re-queues it while attempts remain."""
         return self._report(
             job_id,
-            lambda job: job.fail(attempt, seq, reason, dict(details or {}), retryable=retryable),
+            lambda job: job.fail(
+                attempt, seq, reason, dict(details or {}), retryable=retryable, node_id=node_id
+            ),
         )
 
-    def report_cancelled(self, job_id: UUID, attempt: int, seq: int) -> Outcome:
+    def report_cancelled(
+        self, job_id: UUID, attempt: int, seq: int, *, node_id: str | None = None
+    ) -> Outcome:
         """The node stopped the attempt it was asked to cancel."""
-        return self._report(job_id, lambda job: job.confirm_cancelled(attempt, seq))
+        return self._report(job_id, lambda job: job.confirm_cancelled(attempt, seq, node_id))
 
     def request_cancel(self, job_id: UUID, reason: str = "cancelled by the client") -> JobStatus:
         """Cancel a queued job now, or ask the node to stop a running one; returns the status."""
@@ -228,10 +248,18 @@ class JobsApplication(Application[UUID]):
         return self._report(job_id, lambda job: job.expire_lease(attempt))
 
     def report_progress(
-        self, job_id: UUID, attempt: int, seq: int, step: int, stats: Mapping[str, Any]
+        self,
+        job_id: UUID,
+        attempt: int,
+        seq: int,
+        step: int,
+        stats: Mapping[str, Any],
+        *,
+        node_id: str | None = None,
     ) -> Outcome:
         """Record one progress report."""
-        return self.report_progress_batch(job_id, [ProgressReport(attempt, seq, step, stats)])[0]
+        report = ProgressReport(attempt, seq, step, stats, node_id)
+        return self.report_progress_batch(job_id, [report])[0]
 
     def report_progress_batch(
         self, job_id: UUID, reports: Sequence[ProgressReport]
@@ -245,12 +273,14 @@ class JobsApplication(Application[UUID]):
             outcomes: list[Outcome] = []
             for r in reports:
                 try:
-                    job.accepts_progress(r.attempt, r.seq)
+                    job.accepts_progress(r.attempt, r.seq, r.node_id)
                     metrics.report(r.attempt, r.seq, r.step, dict(r.stats))
                 except (DuplicateReportError, StaleAttemptError, JobTerminalError) as error:
                     outcomes.append(_report_outcome(error))
                 except JobError:
-                    outcomes.append(Outcome.IGNORED)  # not claimed yet: nothing to attach it to
+                    # Not claimed yet, or not from the claim's holder: one such report must
+                    # not sink the batch it came in, and recording it would be wrong.
+                    outcomes.append(Outcome.IGNORED)
                 else:
                     outcomes.append(Outcome.APPLIED)
             if metrics.version != before:

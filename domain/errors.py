@@ -91,6 +91,18 @@ class ClaimConflictError(JobError):
         super().__init__(job_id, f"attempt {attempt} is already claimed by node {holder!r}")
 
 
+class NotClaimHolderError(JobError):
+    """A report came from a node that does not hold the attempt's claim."""
+
+    def __init__(self, job_id: UUID, attempt: int, node_id: str, holder: str) -> None:
+        self.attempt = attempt
+        self.node_id = node_id
+        self.holder = holder
+        super().__init__(
+            job_id, f"node {node_id!r} reported on attempt {attempt}, which {holder!r} holds"
+        )
+
+
 class InvalidTransitionError(JobError):
     """The command does not apply to the job's current status."""
 

@@ -19,6 +19,7 @@ from domain.errors import (
     DuplicateReportError,
     InvalidTransitionError,
     JobTerminalError,
+    NotClaimHolderError,
     StaleAttemptError,
 )
 
@@ -140,6 +141,7 @@ class Job(Aggregate):
         self.node_id: str | None = None
         self.cancel_requested = False
         self.report_seqs: list[int] = []  # lifecycle report seqs seen for the current attempt
+        self.started = False  # whether the current attempt's start was recorded
         self.final_seq: int | None = None  # seq of the node's terminal report, if any
         self.model_key: str | None = None
         self.model_sha256: str | None = None
@@ -156,13 +158,18 @@ class Job(Aggregate):
         if self.status.is_terminal:
             raise JobTerminalError(self.id, self.status.value)
 
-    def _check_report(self, attempt: int, seq: int) -> None:
+    def _check_report(
+        self, attempt: int, seq: int, node_id: str | None, *, terminal_ok: bool = False
+    ) -> None:
         """Stale attempts and repeated reports change nothing: say which one it is."""
         if attempt != self.attempt:
             raise StaleAttemptError(self.id, attempt, self.attempt)
         if seq in self.report_seqs:
             raise DuplicateReportError(self.id, attempt, seq)
-        self._check_not_terminal()
+        if node_id is not None and self.node_id is not None and node_id != self.node_id:
+            raise NotClaimHolderError(self.id, attempt, node_id, self.node_id)
+        if not terminal_ok:
+            self._check_not_terminal()
 
     def _check_active(self, command: str) -> None:
         if self.status not in ACTIVE_STATUSES:
@@ -182,6 +189,7 @@ class Job(Aggregate):
         self.attempt = attempt
         self.node_id = None
         self.report_seqs = []
+        self.started = False
 
     def claim(self, attempt: int, node_id: str) -> bool:
         """Grant `attempt` to `node_id`; True if granted now, False if it already was."""
@@ -201,23 +209,41 @@ class Job(Aggregate):
         self._status = JobStatus.CLAIMED.value
         self.node_id = node_id
 
-    def start(self, attempt: int, seq: int, info: dict[str, Any]) -> None:
-        """Record that the claimed attempt started training."""
-        self._check_report(attempt, seq)
-        if self.status is not JobStatus.CLAIMED:
+    def start(
+        self, attempt: int, seq: int, info: dict[str, Any], node_id: str | None = None
+    ) -> None:
+        """Record that the claimed attempt started training (what runs, for the audit).
+
+        A start report that arrives after the node's own final report (reports can
+        be redelivered out of order) is still recorded for the audit, but changes
+        no status.
+        """
+        self._check_report(attempt, seq, node_id, terminal_ok=True)
+        if self.status.is_terminal:
+            if self.started or self.final_seq is None or seq > self.final_seq:
+                raise JobTerminalError(self.id, self.status.value)
+        elif self.status is not JobStatus.CLAIMED or self.started:
             raise InvalidTransitionError(self.id, "start", self.status.value)
         self._started(attempt=attempt, seq=seq, info=info)
 
     @event(Started)
     def _started(self, attempt: int, seq: int, info: dict[str, Any]) -> None:
-        self._status = JobStatus.RUNNING.value
+        if self._status == JobStatus.CLAIMED.value:
+            self._status = JobStatus.RUNNING.value
+        self.started = True
         self.report_seqs.append(seq)
 
     def complete(
-        self, attempt: int, seq: int, model_key: str, model_sha256: str, info: dict[str, Any]
+        self,
+        attempt: int,
+        seq: int,
+        model_key: str,
+        model_sha256: str,
+        info: dict[str, Any],
+        node_id: str | None = None,
     ) -> None:
         """Record the trained model; the job is done."""
-        self._check_report(attempt, seq)
+        self._check_report(attempt, seq, node_id)
         self._check_active("complete")
         self._completed(
             attempt=attempt, seq=seq, model_key=model_key, model_sha256=model_sha256, info=info
@@ -241,9 +267,10 @@ class Job(Aggregate):
         details: dict[str, Any],
         *,
         retryable: bool = False,
+        node_id: str | None = None,
     ) -> None:
         """Record a failed attempt: retried if the node says so and attempts remain."""
-        self._check_report(attempt, seq)
+        self._check_report(attempt, seq, node_id)
         self._check_active("fail")
         if self.cancel_requested:
             # The node stopped the run because it was asked to: that is a cancellation.
@@ -280,9 +307,9 @@ class Job(Aggregate):
     def _cancel_requested(self, attempt: int, reason: str) -> None:
         self.cancel_requested = True
 
-    def confirm_cancelled(self, attempt: int, seq: int) -> None:
+    def confirm_cancelled(self, attempt: int, seq: int, node_id: str | None = None) -> None:
         """The node stopped a run it was asked to cancel."""
-        self._check_report(attempt, seq)
+        self._check_report(attempt, seq, node_id)
         self._check_active("confirm cancellation of")
         if not self.cancel_requested:
             raise InvalidTransitionError(self.id, "confirm cancellation of", "not being cancelled")
@@ -320,7 +347,7 @@ class Job(Aggregate):
     def _lease_expired(self, attempt: int, node_id: str) -> None:
         pass
 
-    def accepts_progress(self, attempt: int, seq: int) -> None:
+    def accepts_progress(self, attempt: int, seq: int, node_id: str | None = None) -> None:
         """Raise unless a progress report of `attempt` with `seq` may still be recorded.
 
         Progress of the current attempt is accepted while it runs, and after the
@@ -331,5 +358,7 @@ class Job(Aggregate):
             raise StaleAttemptError(self.id, attempt, self.attempt)
         if self.status is JobStatus.QUEUED:
             raise InvalidTransitionError(self.id, "report progress of", self.status.value)
+        if node_id is not None and self.node_id is not None and node_id != self.node_id:
+            raise NotClaimHolderError(self.id, attempt, node_id, self.node_id)
         if self.status.is_terminal and (self.final_seq is None or seq > self.final_seq):
             raise JobTerminalError(self.id, self.status.value)

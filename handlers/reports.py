@@ -13,11 +13,20 @@ def apply_report(
     match report:
         case Started():
             return jobs.report_started(
-                report.job_id, report.attempt, report.seq, report.info.model_dump(mode="json")
+                report.job_id,
+                report.attempt,
+                report.seq,
+                report.info.model_dump(mode="json"),
+                node_id=report.node_id,
             )
         case Progress():
             return jobs.report_progress(
-                report.job_id, report.attempt, report.seq, report.step, report.stats
+                report.job_id,
+                report.attempt,
+                report.seq,
+                report.step,
+                report.stats,
+                node_id=report.node_id,
             )
         case Completed():
             return jobs.report_completed(
@@ -27,6 +36,7 @@ def apply_report(
                 report.model_key,
                 report.model_sha256,
                 {"node_id": report.node_id},
+                node_id=report.node_id,
             )
         case Failed():
             details: dict[str, object] = {"node_id": report.node_id}
@@ -41,6 +51,9 @@ def apply_report(
                 report.reason,
                 details,
                 retryable=report.retryable,
+                node_id=report.node_id,
             )
         case Cancelled():
-            return jobs.report_cancelled(report.job_id, report.attempt, report.seq)
+            return jobs.report_cancelled(
+                report.job_id, report.attempt, report.seq, node_id=report.node_id
+            )

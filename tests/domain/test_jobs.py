@@ -15,6 +15,7 @@ from domain.errors import (
     InvalidTransitionError,
     JobNotFoundError,
     JobTerminalError,
+    NotClaimHolderError,
 )
 from domain.job import Job, JobStatus
 from domain.spec import JobSpec, parse_job_spec
@@ -311,3 +312,30 @@ def test_events_replay_to_the_same_state(jobs_app: JobsApplication) -> None:
     rebuilt = replay(jobs_app.repository.event_store.get(job_id))
     assert isinstance(rebuilt, Job)
     assert rebuilt.__dict__ == jobs_app.get_job(job_id).__dict__
+
+
+def test_a_report_from_a_node_without_the_claim_is_refused(jobs_app: JobsApplication) -> None:
+    job_id = running(jobs_app, "node-1")
+    with pytest.raises(NotClaimHolderError):
+        jobs_app.report_completed(job_id, 1, 2, "k", "0" * 64, node_id="node-2")
+    assert jobs_app.report_progress(job_id, 1, 3, 30, {}, node_id="node-2") is Outcome.IGNORED
+    assert jobs_app.get_metrics(job_id).count == 0
+    assert jobs_app.get_job(job_id).status is JobStatus.RUNNING
+    assert jobs_app.report_completed(job_id, 1, 2, "k", "0" * 64, node_id="node-1") is (
+        Outcome.APPLIED
+    )
+
+
+def test_a_start_report_arriving_after_completion_is_kept_for_the_audit(
+    jobs_app: JobsApplication,
+) -> None:
+    job_id = submit(jobs_app)
+    assert jobs_app.claim(job_id, 1, "node-1").granted
+    jobs_app.report_completed(job_id, 1, 9, "k", "0" * 64, node_id="node-1")
+    info = {"mlagents": "1.1.0", "build_sha256": "ab" * 32}
+    assert jobs_app.report_started(job_id, 1, 1, info, node_id="node-1") is Outcome.APPLIED
+    assert jobs_app.report_started(job_id, 1, 1, info, node_id="node-1") is Outcome.DUPLICATE
+    assert jobs_app.get_job(job_id).status is JobStatus.COMPLETED
+    assert history(jobs_app, job_id)[-2:] == ["Completed", "Started"]
+    # ...but not one sent after the final report
+    assert jobs_app.report_started(job_id, 1, 10, info) is Outcome.IGNORED
