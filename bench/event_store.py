@@ -93,14 +93,20 @@ class Baseline:
         return time.perf_counter() - start
 
 
-def load_time(app: JobsApplication, job_id: uuid.UUID, repeat: int = 30) -> float:
-    times = []
+def load_times(
+    app: JobsApplication, job_ids: list[uuid.UUID], repeat: int = 200
+) -> list[tuple[float, float]]:
+    """Median cold load times (job, metrics stream) per job, the jobs loaded in turn."""
+    times: dict[uuid.UUID, tuple[list[float], list[float]]] = {j: ([], []) for j in job_ids}
     for _ in range(repeat):
-        start = time.perf_counter()
-        app.get_job(job_id)
-        app.get_metrics(job_id)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for job_id in job_ids:  # in turn, so every job sees the same machine load
+            start = time.perf_counter()
+            app.get_job(job_id)
+            middle = time.perf_counter()
+            app.get_metrics(job_id)
+            times[job_id][0].append(middle - start)
+            times[job_id][1].append(time.perf_counter() - middle)
+    return [(statistics.median(times[j][0]), statistics.median(times[j][1])) for j in job_ids]
 
 
 def main() -> None:
@@ -144,8 +150,9 @@ def main() -> None:
         append_batched(app, job_short, 2, 10)
         job_long = running_job(app)
         append_batched(app, job_long, 2, LONG_RUN)
-        t_short = load_time(app, job_short)
-        t_long = load_time(app, job_long)
+        cold = JobsApplication({**settings.eventsourcing_env(), "AGGREGATE_CACHE_MAXSIZE": ""})
+        (t_short, m_short), (t_long, m_long) = load_times(cold, [job_short, job_long])
+        cold.close()
     finally:
         app.close()
         with psycopg.connect(DSN, autocommit=True) as conn:
@@ -155,11 +162,12 @@ def main() -> None:
     print(f"(b) batched appends ({BATCH}/transaction): {batched_rate:,.0f} events/s")
     print(f"(c) psycopg executemany ({BATCH}/transaction): {raw_rate:,.0f} rows/s")
     print(
-        f"(d) load job+metrics: {t_short * 1e3:.2f} ms after 10 reports, "
-        f"{t_long * 1e3:.2f} ms after {LONG_RUN:,}"
+        f"(d) cold load of the job: {t_short * 1e3:.2f} ms after 10 reports, "
+        f"{t_long * 1e3:.2f} ms after {LONG_RUN:,}; of its metrics stream (snapshot + tail): "
+        f"{m_short * 1e3:.2f} ms and {m_long * 1e3:.2f} ms"
     )
     print(target("batched_append_vs_raw_insert", batched_rate / raw_rate, ">=", 0.5))
-    print(target("load_100k_vs_10_reports", t_long / t_short, "<=", 1.5))
+    print(target("job_load_100k_vs_10_reports", t_long / t_short, "<=", 1.25))
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ class JobsApplication(Application[UUID]):
     name = "Jobs"
     is_snapshotting_enabled = True
     # Metrics streams are snapshotted every this many events (see _save_metrics).
-    SNAPSHOT_INTERVAL = 200
+    SNAPSHOT_INTERVAL = 500
     CONFLICT_RETRIES = 30
 
     def __init__(self, env: Mapping[str, str] | None = None, *, max_attempts: int = 3) -> None:
