@@ -1,0 +1,84 @@
+"""The live publisher: the job board's committed updates, appended to Redis Streams.
+
+Every update goes to its job's stream `{prefix}jobs:{job_id}:updates` and to the global
+stream `{prefix}jobs:updates`, with the stream entry id `{position}-0` where `position` is
+the event's position in the log. Explicit ids make publishing idempotent: Redis refuses an
+id not above the stream's last id, so an update published before a crash and published
+again after it is refused, not duplicated. The updates themselves come from the view's
+outbox, written in the same transaction as the rows, so none is lost either. A client
+resumes with `XREAD ... STREAMS key <last id seen>`; the id is also the `position` field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+from projections.board import Update
+
+_ALREADY_ADDED = "equal or smaller than the target stream top item"
+
+
+def job_stream(prefix: str, job_id: str) -> str:
+    """The key of one job's update stream."""
+    return f"{prefix}jobs:{job_id}:updates"
+
+
+def global_stream(prefix: str) -> str:
+    """The key of the stream of every job's updates."""
+    return f"{prefix}jobs:updates"
+
+
+class StreamPublisher:
+    """Appends updates to the per-job and global Redis Streams, each exactly once."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "",
+        job_maxlen: int = 10_000,
+        global_maxlen: int = 100_000,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.job_maxlen = job_maxlen
+        self.global_maxlen = global_maxlen
+        self.published_upto: int | None = None
+
+    def publish(self, updates: Sequence[Update]) -> int:
+        """Append `updates` (in log order); returns how many entries were new."""
+        if not updates:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        everything = global_stream(self.prefix)
+        for update in updates:
+            entry_id = f"{update['position']}-0"
+            pipe.xadd(
+                job_stream(self.prefix, update["job_id"]),
+                dict(update),  # type: ignore[arg-type]
+                id=entry_id,
+                maxlen=self.job_maxlen,
+                approximate=True,
+            )
+            pipe.xadd(
+                everything,
+                dict(update),  # type: ignore[arg-type]
+                id=entry_id,
+                maxlen=self.global_maxlen,
+                approximate=True,
+            )
+        added = 0
+        for result in pipe.execute(raise_on_error=False):
+            if isinstance(result, redis.ResponseError) and _ALREADY_ADDED in str(result):
+                continue  # published before a crash: the id proves it is there
+            if isinstance(result, Exception):
+                raise result
+            added += 1
+        self.published_upto = int(updates[-1]["position"])
+        return added
+
+    def close(self) -> None:
+        """Close the Redis connection pool."""
+        self.client.close()
