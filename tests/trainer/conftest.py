@@ -56,10 +56,14 @@ def ppo_config(
 
 
 def free_base_port() -> int:
-    """A port that is free now, picked at random so that concurrent test sessions rarely meet."""
+    """A port that is free now, picked at random so that concurrent test sessions rarely meet.
+
+    It stays below Linux's ephemeral range (32768 and up): a port picked there can be
+    taken by any outgoing connection before mlagents-learn binds it.
+    """
     rng = random.Random()
     for _ in range(100):
-        port = rng.randrange(20000, 60000)
+        port = rng.randrange(20000, 32000)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
