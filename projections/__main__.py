@@ -1,4 +1,8 @@
-"""`python -m projections [run|rebuild]`: the projections process and its composition root."""
+"""`python -m projections [run|rebuild]`: the projections process and its composition root.
+
+`run` follows the log into the job board (main thread), and runs the dispatcher and the lease
+watchdog beside it (projections.services); `rebuild` rebuilds the job board only.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from projections.leader import FileLeader, Leader, PostgresLeader
 from projections.postgres import PostgresJobBoardView
 from projections.publisher import StreamPublisher
 from projections.runner import BatchRunner, ProjectionStoppedError, rebuild
+from projections.services import Services
 from projections.settings import ProjectionSettings
 from projections.sqlite import SQLiteJobBoardView
 from projections.view import PROJECTION_NAME
@@ -62,6 +67,13 @@ def build_view(store: StoreSettings) -> JobBoardView:
 
 def build_leader(store: StoreSettings, app: JobsApplication) -> Leader:
     """The single-runner lock for the job board, in the event store's database."""
+    return build_lock(store, app, PROJECTION_NAME)
+
+
+def build_lock(
+    store: StoreSettings, app: JobsApplication, name: str, *, channel: str | None = None
+) -> Leader:
+    """The single-runner lock of `name`; it wakes on the events table's NOTIFY (or `channel`)."""
     if store.event_store == "postgres":
         conninfo = {
             "host": store.postgres_host,
@@ -70,9 +82,10 @@ def build_leader(store: StoreSettings, app: JobsApplication) -> Leader:
             "user": store.postgres_user,
             "password": store.postgres_password,
         }
-        channel: str = getattr(app.recorder, "channel_name", "jobs_events")
-        return PostgresLeader(conninfo, store.postgres_schema, PROJECTION_NAME, channel)
-    return FileLeader(store.sqlite_path.with_name(store.sqlite_path.name + ".jobboard.lock"))
+        events: str = getattr(app.recorder, "channel_name", "jobs_events")
+        return PostgresLeader(conninfo, store.postgres_schema, name, channel or events)
+    lock_name = "jobboard" if name == PROJECTION_NAME else name.lower()
+    return FileLeader(store.sqlite_path.with_name(f"{store.sqlite_path.name}.{lock_name}.lock"))
 
 
 def compose(settings: ProjectionSettings, store: StoreSettings) -> Parts:
@@ -97,7 +110,7 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the job board projection (default) or rebuild it; returns the exit status."""
+    """Run the projections (default) or rebuild the job board; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m projections", description=__doc__)
     parser.add_argument("command", nargs="?", choices=["run", "rebuild"], default="run")
     args = parser.parse_args(argv)
@@ -105,11 +118,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     settings = ProjectionSettings()
-    parts = compose(settings, StoreSettings())
+    store = StoreSettings()
+    parts = compose(settings, store)
+    services = Services(settings, store, parts.app, build_lock, build_view, stop)
+    # The dispatcher and the watchdog run beside the job board, each under its own lock.
+    thread = services.run_in_thread() if args.command == "run" else None
+    try:
+        status = _run_job_board(parts, args.command, stop)
+    finally:
+        stop.set()  # the job board ended: so do the dispatcher and the watchdog
+        if thread is not None:
+            thread.join()
+        parts.close()
+    return 1 if services.failures else status
+
+
+def _run_job_board(parts: Parts, command: str, stop: threading.Event) -> int:
+    settings = parts.settings
     try:
         if not parts.leader.acquire(stop):
             return 0
-        if args.command == "rebuild":
+        if command == "rebuild":
             rebuild(
                 parts.app,
                 parts.view,
@@ -134,8 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PersistenceError, psycopg.Error) as error:
         log.error("event store unavailable, stopping: %s: %s", type(error).__name__, error)
         return 1
-    finally:
-        parts.close()
     return 0
 
 

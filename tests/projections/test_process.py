@@ -55,6 +55,8 @@ class Process:
             "TRAINYARD_POSTGRES_SCHEMA": settings.postgres_schema,
             "TRAINYARD_REDIS_URL": REDIS_URL,
             "TRAINYARD_REDIS_KEY_PREFIX": prefix,
+            # Its own queues (one fixed name, so runs do not pile up queues on the broker).
+            "TRAINYARD_QUEUE_PREFIX": "test-projections-process.",
             "TRAINYARD_PROJECTION_BATCH_SIZE": "7",
             "TRAINYARD_PROJECTION_POLL_INTERVAL": "0.2",
         }
