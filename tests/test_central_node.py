@@ -1,0 +1,330 @@
+"""The central node as processes: `faststream run handlers.app:app` and `python -m projections`.
+
+Driven only by the messages a train node publishes; observed through the job board,
+the Redis Streams and the event store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+from uuid import UUID
+
+import aio_pika
+import psycopg
+import pytest
+from faststream.rabbit import RabbitBroker
+from redis.asyncio import Redis
+
+from domain.application import JobsApplication
+from domain.contracts import (
+    ClaimReply,
+    ClaimRequest,
+    Completed,
+    Heartbeat,
+    Progress,
+    Started,
+    StartedInfo,
+    Topology,
+)
+from domain.job import JobStatus
+from domain.metrics import JobMetrics
+from domain.settings import StoreSettings
+from domain.spec import parse_job_spec
+from tests.conftest import POSTGRES_DSN, postgres_settings
+
+pytestmark = pytest.mark.slow
+
+AMQP_URL = os.environ.get("TRAINYARD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("TRAINYARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+WAIT_S = 90.0  # an upper bound for a busy machine, not a speed requirement
+SHA = "ab" * 32
+CONFIG = "behaviors:\n  Reach:\n    trainer_type: ppo\n"
+
+
+async def eventually(check: Callable[[], Any], what: str) -> None:
+    """Poll `check` (sync or async) until it is true; fail naming `what` if it never is."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+class Process:
+    """One central-node process, its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args, self.env, self.log = args, env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start (again)."""
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=Path.cwd()
+            )
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish what it was doing."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not stop."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@dataclass
+class System:
+    """The running central node and what a test drives and inspects it with."""
+
+    store: StoreSettings
+    topology: Topology
+    key_prefix: str
+    jobs: JobsApplication
+    client: RabbitBroker
+    redis: Redis
+    handlers: Process
+
+    def submit(self) -> UUID:
+        spec = parse_job_spec({"config": CONFIG, "env": {"builtin": "reach"}})
+        return self.jobs.submit(spec, client_id="client-a")
+
+    async def claim(self, job_id: UUID, attempt: int, node_id: str) -> ClaimReply:
+        request = ClaimRequest(job_id=job_id, attempt=attempt, node_id=node_id)
+        reply = await self.client.request(request, queue=self.topology.claims, timeout=60)
+        return ClaimReply.model_validate_json(reply.body)
+
+    async def report(self, message: Any) -> None:
+        await self.client.publish(message, queue=self.topology.reports, persist=True)
+
+    def board(self, job_id: UUID) -> tuple[str, int, str | None] | None:
+        """(status, attempt, node) of the job on the job board."""
+        with psycopg.connect(POSTGRES_DSN) as conn:
+            row = conn.execute(
+                f"SELECT status, attempt, node_id FROM {self.store.postgres_schema}.jobs "
+                "WHERE job_id = %s",
+                (job_id,),
+            ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    async def updates(self, job_id: UUID) -> list[tuple[str, dict[str, str]]]:
+        """The job's Redis Stream: (entry id, fields) in order."""
+        key = f"{self.key_prefix}jobs:{job_id}:updates"
+        entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", await self.redis.xrange(key))
+        return [
+            (str(i, "utf-8"), {str(k, "utf-8"): str(v, "utf-8") for k, v in fields.items()})
+            for i, fields in entries
+        ]
+
+
+def started(job_id: UUID, attempt: int, node: str, seq: int = 1) -> Started:
+    info = StartedInfo(
+        mlagents_version="1.1.0",
+        torch_version="2.13.0",
+        python_version="3.11.7",
+        build_sha256=SHA,
+        command=["mlagents-learn", "config.yaml"],
+        config={"behaviors": {"Reach": {"trainer_type": "ppo"}}},
+    )
+    return Started(job_id=job_id, attempt=attempt, node_id=node, seq=seq, info=info)
+
+
+def progress(job_id: UUID, attempt: int, node: str, seq: int) -> Progress:
+    stats = {"Environment/Cumulative Reward": seq / 10}
+    return Progress(
+        job_id=job_id, attempt=attempt, node_id=node, seq=seq, step=seq * 100, stats=stats
+    )
+
+
+async def delete_topology(topology: Topology) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for name in (*topology.work_queues, topology.dead_letter_queue):
+            await channel.queue_delete(name)
+        for exchange in (topology.dead_letter_exchange, topology.control_exchange):
+            await channel.exchange_delete(exchange)
+
+
+async def queues_exist(topology: Topology) -> bool:
+    """Whether the handlers declared their queues (a message sent before would be dropped)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        for name in (topology.claims, topology.reports, topology.heartbeats):
+            channel = await connection.channel()  # a failed passive declare closes the channel
+            try:
+                await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelClosed:
+                return False
+    return True
+
+
+@pytest.fixture
+async def system(pg_schema: str, tmp_path: Path) -> AsyncIterator[System]:
+    """Handlers and projections as processes on a throwaway schema, queues and Redis keys."""
+    tag = uuid.uuid4().hex[:12]
+    store = postgres_settings(pg_schema)
+    topology = Topology(f"test-{tag}.")
+    key_prefix = f"test:{tag}:"
+    env = {
+        **os.environ,
+        "TRAINYARD_EVENT_STORE": "postgres",
+        "TRAINYARD_POSTGRES_HOST": store.postgres_host,
+        "TRAINYARD_POSTGRES_PORT": str(store.postgres_port),
+        "TRAINYARD_POSTGRES_DBNAME": store.postgres_dbname,
+        "TRAINYARD_POSTGRES_USER": store.postgres_user,
+        "TRAINYARD_POSTGRES_PASSWORD": store.postgres_password,
+        "TRAINYARD_POSTGRES_SCHEMA": pg_schema,
+        "TRAINYARD_AMQP_URL": AMQP_URL,
+        "TRAINYARD_REDIS_URL": REDIS_URL,
+        "TRAINYARD_QUEUE_PREFIX": topology.prefix,
+        "TRAINYARD_REDIS_KEY_PREFIX": key_prefix,
+        "TRAINYARD_LEASE_TTL_S": "2",
+        "TRAINYARD_WATCHDOG_INTERVAL_S": "0.5",
+        "TRAINYARD_WATCHDOG_GRACE_S": "1",
+        "TRAINYARD_PROJECTION_POLL_INTERVAL": "0.2",
+    }
+    bin_dir = Path(sys.executable).parent
+    jobs = JobsApplication(store.eventsourcing_env())
+    # The event store's tables exist before either process starts.
+    handlers = Process(
+        [str(bin_dir / "faststream"), "run", "handlers.app:app"], env, tmp_path / "handlers.log"
+    )
+    projections = Process([sys.executable, "-m", "projections"], env, tmp_path / "projections.log")
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        await eventually(lambda: queues_exist(topology), "the handlers' queues")
+        async with RabbitBroker(AMQP_URL) as client:
+            await client.start()
+            yield System(store, topology, key_prefix, jobs, client, redis, handlers)
+    finally:
+        handlers.stop()
+        projections.stop()
+        jobs.close()
+        keys = [k async for k in redis.scan_iter(match=f"{key_prefix}*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+        await delete_topology(topology)
+
+
+async def test_a_whole_lifecycle_lands_on_the_board_and_in_the_stream_in_order(
+    system: System,
+) -> None:
+    job_id = system.submit()
+    assert (await system.claim(job_id, 1, "node-1")).granted
+    await system.report(started(job_id, 1, "node-1"))
+    for seq in range(2, 6):
+        await system.report(progress(job_id, 1, "node-1", seq))
+    await system.report(
+        Completed(
+            job_id=job_id, attempt=1, node_id="node-1", seq=6, model_key="m.onnx", model_sha256=SHA
+        )
+    )
+
+    await eventually(lambda: system.board(job_id) == ("completed", 1, "node-1"), "completed")
+
+    async def all_published() -> bool:
+        return len(await system.updates(job_id)) >= 9
+
+    await eventually(all_published, "every update in the job's stream")
+    updates = await system.updates(job_id)
+    assert [fields["type"] for _, fields in updates] == [
+        "submitted",
+        "queued",
+        "claimed",
+        "started",
+        "progress",
+        "progress",
+        "progress",
+        "progress",
+        "completed",
+    ]
+    positions = [int(fields["position"]) for _, fields in updates]
+    assert positions == sorted(positions)
+    assert [i for i, _ in updates] == [f"{p}-0" for p in positions]
+    assert [fields.get("seq") for _, fields in updates if fields["type"] == "progress"] == [
+        "2",
+        "3",
+        "4",
+        "5",
+    ]
+    assert updates[-1][1]["model_sha256"] == SHA
+
+
+async def test_a_lost_lease_requeues_and_the_old_attempt_changes_nothing(system: System) -> None:
+    job_id = system.submit()
+    assert (await system.claim(job_id, 1, "node-1")).granted
+    await system.report(started(job_id, 1, "node-1"))
+    # node-1 sends no heartbeat: its lease is never set, so the watchdog expires the attempt.
+    await eventually(lambda: system.board(job_id) == ("queued", 2, None), "attempt 2 queued")
+
+    assert not (await system.claim(job_id, 1, "node-1")).granted
+    assert (await system.claim(job_id, 2, "node-2")).granted
+    beat = Heartbeat(
+        node_id="node-2", slots=1, free_slots=0, running=[{"job_id": job_id, "attempt": 2}]
+    )
+    await system.client.publish(beat, queue=system.topology.heartbeats, persist=True)
+    late = Completed(
+        job_id=job_id, attempt=1, node_id="node-1", seq=9, model_key="old.onnx", model_sha256=SHA
+    )
+    await system.report(late)
+    await system.report(started(job_id, 2, "node-2"))
+
+    def node_2_started() -> bool:
+        return system.jobs.get_job(job_id).started
+
+    await eventually(node_2_started, "node-2's start report")
+    job = system.jobs.get_job(job_id)
+    assert (job.status, job.attempt, job.node_id) == (JobStatus.RUNNING, 2, "node-2")
+    assert job.model_key is None, "a report of the lost attempt changed the job"
+    await eventually(lambda: system.board(job_id) == ("running", 2, "node-2"), "board attempt 2")
+
+
+async def test_a_handler_killed_mid_stream_loses_and_duplicates_nothing(system: System) -> None:
+    job_id = system.submit()
+    assert (await system.claim(job_id, 1, "node-1")).granted
+    await system.report(started(job_id, 1, "node-1"))
+    count = 300
+    for seq in range(2, 2 + count):
+        await system.report(progress(job_id, 1, "node-1", seq))
+
+    await eventually(lambda: system.jobs.get_metrics(job_id).count >= 10, "some reports applied")
+    system.handlers.kill()
+    done_before_kill = system.jobs.get_metrics(job_id).count
+    system.handlers.start()
+
+    await eventually(lambda: system.jobs.get_metrics(job_id).count >= count, "every report")
+    metrics_id = system.jobs.get_metrics(job_id).id
+    reported = [
+        e.seq
+        for e in system.jobs.repository.event_store.get(metrics_id)
+        if isinstance(e, JobMetrics.Reported)
+    ]
+    assert sorted(reported) == list(range(2, 2 + count)), "a report was lost or recorded twice"
+    assert done_before_kill < count, "the handler was killed after it had finished"
