@@ -1,0 +1,27 @@
+"""Settings of the gateway process, read from TRAINYARD_* variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    """Limits of the HTTP API and where its dependencies are (besides the event store)."""
+
+    model_config = SettingsConfigDict(env_prefix="TRAINYARD_", env_file=".env", extra="ignore")
+
+    body_limit_bytes: int = Field(
+        1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="largest request body accepted"
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    redis_key_prefix: str = Field("trainyard:", max_length=64, description="prefix of Redis keys")
+    gateway_db_threads: int = Field(
+        16, ge=1, le=200, description="threads doing database and event store work at once"
+    )
+    gateway_db_pool_size: int = Field(
+        8, ge=1, le=100, description="PostgreSQL connections for the job board and tokens"
+    )
+    gateway_max_page_size: int = Field(
+        500, ge=1, le=10_000, description="largest page a list endpoint returns (default 50)"
+    )
