@@ -6,14 +6,12 @@ the Redis Streams and the event store.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -41,28 +39,12 @@ from domain.metrics import JobMetrics
 from domain.settings import StoreSettings
 from domain.spec import parse_job_spec
 from tests.conftest import POSTGRES_DSN, postgres_settings
+from tests.handlers.conftest import AMQP_URL, REDIS_URL, delete_topology, eventually
 
 pytestmark = pytest.mark.slow
 
-AMQP_URL = os.environ.get("TRAINYARD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-REDIS_URL = os.environ.get("TRAINYARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-WAIT_S = 90.0  # an upper bound for a busy machine, not a speed requirement
 SHA = "ab" * 32
 CONFIG = "behaviors:\n  Reach:\n    trainer_type: ppo\n"
-
-
-async def eventually(check: Callable[[], Any], what: str) -> None:
-    """Poll `check` (sync or async) until it is true; fail naming `what` if it never is."""
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 class Process:
@@ -159,16 +141,6 @@ def progress(job_id: UUID, attempt: int, node: str, seq: int) -> Progress:
     return Progress(
         job_id=job_id, attempt=attempt, node_id=node, seq=seq, step=seq * 100, stats=stats
     )
-
-
-async def delete_topology(topology: Topology) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        for name in (*topology.work_queues, topology.dead_letter_queue):
-            await channel.queue_delete(name)
-        for exchange in (topology.dead_letter_exchange, topology.control_exchange):
-            await channel.exchange_delete(exchange)
 
 
 async def queues_exist(topology: Topology) -> bool:
