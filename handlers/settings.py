@@ -28,9 +28,10 @@ class HandlerSettings(BaseSettings):
     )
     claims_prefetch: int = Field(8, ge=1, le=1000, description="Claims handled at once")
     reports_prefetch: int = Field(
-        1,
+        64,
         ge=1,
         le=1000,
-        description="Reports handled at once; 1 keeps each node's reports in order",
+        description="Reports in flight at once (and the most progress reports recorded by "
+        "one command); each job's reports are still applied in delivery order",
     )
     heartbeats_prefetch: int = Field(16, ge=1, le=1000, description="Heartbeats handled at once")

@@ -6,6 +6,7 @@ the Redis Streams and the event store.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -282,14 +283,21 @@ async def test_a_handler_killed_mid_stream_loses_and_duplicates_nothing(system: 
     job_id = system.submit()
     assert (await system.claim(job_id, 1, "node-1")).granted
     await system.report(started(job_id, 1, "node-1"))
-    count = 300
-    for seq in range(2, 2 + count):
-        await system.report(progress(job_id, 1, "node-1", seq))
+    count = 600
 
-    await eventually(lambda: system.jobs.get_metrics(job_id).count >= 10, "some reports applied")
+    async def send_all() -> None:
+        # A steady stream, so the kill lands while reports are still arriving and in flight.
+        for seq in range(2, 2 + count):
+            await system.report(progress(job_id, 1, "node-1", seq))
+            await asyncio.sleep(0.005)
+
+    sender = asyncio.create_task(send_all())
+    await eventually(lambda: system.jobs.get_metrics(job_id).count >= 20, "some reports applied")
     system.handlers.kill()
     done_before_kill = system.jobs.get_metrics(job_id).count
+    still_sending = not sender.done()
     system.handlers.start()
+    await sender
 
     await eventually(lambda: system.jobs.get_metrics(job_id).count >= count, "every report")
     metrics_id = system.jobs.get_metrics(job_id).id
@@ -299,4 +307,5 @@ async def test_a_handler_killed_mid_stream_loses_and_duplicates_nothing(system: 
         if isinstance(e, JobMetrics.Reported)
     ]
     assert sorted(reported) == list(range(2, 2 + count)), "a report was lost or recorded twice"
-    assert done_before_kill < count, "the handler was killed after it had finished"
+    assert still_sending, "the handler was killed after every report was sent"
+    assert done_before_kill < count

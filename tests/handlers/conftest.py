@@ -24,7 +24,7 @@ from handlers.settings import HandlerSettings
 
 AMQP_URL = os.environ.get("TRAINYARD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("TRAINYARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-WAIT_S = 60.0  # an upper bound for a busy machine, not a speed requirement
+WAIT_S = 180.0  # an upper bound for a busy machine, not a speed requirement
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str) -> None:

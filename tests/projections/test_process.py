@@ -26,7 +26,7 @@ from tests.conftest import POSTGRES_DSN, postgres_settings
 from tests.projections.conftest import REDIS_URL, entries, spec
 
 ROOT = Path(__file__).resolve().parents[2]
-WAIT_S = 90.0  # an upper bound for a busy machine, not a speed requirement
+WAIT_S = 180.0  # an upper bound for a busy machine, not a speed requirement
 JOBS = 3
 
 pytestmark = pytest.mark.slow
