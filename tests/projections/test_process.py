@@ -45,6 +45,9 @@ class Process:
 
     def __init__(self, settings: StoreSettings, prefix: str, log: Path, *args: str) -> None:
         env = {
+            # Its own queues unless the test names some (one fixed name, so runs do not pile
+            # up queues on the broker).
+            "TRAINYARD_QUEUE_PREFIX": "test-projections-process.",
             **os.environ,
             "TRAINYARD_EVENT_STORE": "postgres",
             "TRAINYARD_POSTGRES_HOST": settings.postgres_host,
@@ -55,8 +58,6 @@ class Process:
             "TRAINYARD_POSTGRES_SCHEMA": settings.postgres_schema,
             "TRAINYARD_REDIS_URL": REDIS_URL,
             "TRAINYARD_REDIS_KEY_PREFIX": prefix,
-            # Its own queues (one fixed name, so runs do not pile up queues on the broker).
-            "TRAINYARD_QUEUE_PREFIX": "test-projections-process.",
             "TRAINYARD_PROJECTION_BATCH_SIZE": "7",
             "TRAINYARD_PROJECTION_POLL_INTERVAL": "0.2",
         }
