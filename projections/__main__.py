@@ -96,6 +96,7 @@ def compose(settings: ProjectionSettings, store: StoreSettings) -> Parts:
         prefix=settings.redis_key_prefix,
         job_maxlen=settings.stream_maxlen,
         global_maxlen=settings.global_stream_maxlen,
+        finished_ttl_s=settings.finished_stream_ttl_s,
     )
     return Parts(settings, app, build_view(store), build_leader(store, app), publisher)
 

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 
 import redis
 
+from domain.job import TERMINAL_STATUSES
 from projections.board import Update
 
+_FINISHED = frozenset(status.value for status in TERMINAL_STATUSES)
 _ALREADY_ADDED = "equal or smaller than the target stream top item"
 
 
@@ -40,11 +42,13 @@ class StreamPublisher:
         prefix: str = "",
         job_maxlen: int = 10_000,
         global_maxlen: int = 100_000,
+        finished_ttl_s: int = 0,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.job_maxlen = job_maxlen
         self.global_maxlen = global_maxlen
+        self.finished_ttl_s = finished_ttl_s
         self.published_upto: int | None = None
 
     def publish(self, updates: Sequence[Update]) -> int:
@@ -69,8 +73,10 @@ class StreamPublisher:
                 maxlen=self.global_maxlen,
                 approximate=True,
             )
+        expiring = [pipe.expire(key, self.finished_ttl_s) for key in self._finished(updates)]
         added = 0
-        for result in pipe.execute(raise_on_error=False):
+        results = pipe.execute(raise_on_error=False)
+        for result in results[: len(results) - len(expiring)]:
             if isinstance(result, redis.ResponseError) and _ALREADY_ADDED in str(result):
                 continue  # published before a crash: the id proves it is there
             if isinstance(result, Exception):
@@ -78,6 +84,21 @@ class StreamPublisher:
             added += 1
         self.published_upto = int(updates[-1]["position"])
         return added
+
+    def _finished(self, updates: Sequence[Update]) -> list[str]:
+        """The streams of jobs whose update here is terminal, when finished streams expire.
+
+        A finished job's stream is dropped `finished_ttl_s` after its last update; a client
+        resuming later is served from the job board and the event log instead.
+        """
+        if self.finished_ttl_s <= 0:
+            return []
+        keys = {
+            job_stream(self.prefix, update["job_id"])
+            for update in updates
+            if update["status"] in _FINISHED
+        }
+        return sorted(keys)
 
     def close(self) -> None:
         """Close the Redis connection pool."""

@@ -19,6 +19,12 @@ class ProjectionSettings(BaseSettings):
     global_stream_maxlen: int = Field(
         100_000, ge=1, description="approximate entries kept in the stream of all jobs' updates"
     )
+    finished_stream_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=0,
+        description="seconds a finished job's update stream is kept after its last update "
+        "(0: kept until trimmed by length)",
+    )
     projection_batch_size: int = Field(
         1000, ge=1, le=100_000, description="events applied per projection transaction"
     )

@@ -10,7 +10,7 @@ from eventsourcing.persistence import Tracking
 from domain.application import JobsApplication, ProgressReport
 from domain.job import JobStatus
 from projections.jobboard import JobBoardView
-from projections.publisher import StreamPublisher
+from projections.publisher import StreamPublisher, global_stream, job_stream
 from projections.runner import rebuild
 from tests.projections.conftest import (
     all_entries,
@@ -206,3 +206,27 @@ def test_stats_json_cannot_hold_become_null_and_odd_text_survives(
     live = view.dump()
     rebuild(jobs_app, view)
     assert view.dump() == live
+
+
+def test_a_finished_jobs_stream_expires_and_a_running_jobs_does_not(
+    jobs_app: JobsApplication,
+    view: JobBoardView,
+    redis_client: redis.Redis,
+    prefix: str,
+) -> None:
+    publisher = StreamPublisher(redis_client, prefix=prefix, finished_ttl_s=3600)
+    finished = jobs_app.submit(spec(), client_id="client-a")
+    running = jobs_app.submit(spec(), client_id="client-a")
+    for job_id in (finished, running):
+        assert jobs_app.claim(job_id, 1, "node-1").granted
+        jobs_app.report_started(job_id, 1, 1, {"mlagents": "1.1.0"})
+    jobs_app.report_completed(finished, 1, 2, "jobs/a/Reach.onnx", "ab" * 32)
+    runner(jobs_app, view, publisher).catch_up()
+
+    finished_ttl = redis_client.ttl(job_stream(prefix, str(finished)))
+    assert isinstance(finished_ttl, int)
+    assert 3500 < finished_ttl <= 3600
+    assert redis_client.ttl(job_stream(prefix, str(running))) == -1  # no expiry while it runs
+    assert redis_client.ttl(global_stream(prefix)) == -1
+    # Everything was still published, the finished job's completion included.
+    assert job_entries(redis_client, prefix, finished)[-1]["type"] == "completed"
