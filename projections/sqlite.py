@@ -126,6 +126,9 @@ class SQLiteJobBoardView(SQLiteTrackingRecorder):
     ) -> list[Update]:
         """Apply a batch and record `tracking` in one transaction; return its updates."""
         with self.datastore.transaction(commit=True) as c:
+            # Take the write lock before reading: a read transaction that later writes fails at
+            # once ("database is locked", no busy wait) if another process wrote in between.
+            c.execute(f"DELETE FROM {OUTBOX_TABLE} WHERE 0")
             batch = BoardBatch(self._load(c, events), with_updates=with_updates)
             batch.apply_all(events)
             self._write(c, batch)
