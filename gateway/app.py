@@ -16,11 +16,11 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.schemas import SchemaGenerator
 
 from domain.settings import StoreSettings
-from gateway import endpoints
+from gateway import builds, endpoints, stream
 from gateway.auth import BearerAuth
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.openapi import BASE_SCHEMA
@@ -50,6 +50,10 @@ ROUTES: list[BaseRoute] = [
     Route("/jobs/{job_id}/metrics", endpoints.job_metrics, methods=["GET"]),
     Route("/jobs/{job_id}/events", endpoints.job_events, methods=["GET"]),
     Route("/jobs/{job_id}/model", endpoints.job_model, methods=["GET"]),
+    WebSocketRoute("/jobs/{job_id}/stream", stream.job_stream),
+    Route("/nodes", endpoints.list_nodes, methods=["GET"]),
+    Route("/builds", builds.upload_build, methods=["POST"]),
+    Route("/builds/{sha256}", builds.get_build, methods=["GET"]),
     Route("/healthz", endpoints.healthz, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
 ]

@@ -2,6 +2,8 @@
 
 Runs before routing and before any body is read, so an unauthenticated upload is refused
 without being buffered. The client id it finds is put in the request scope for endpoints.
+A WebSocket without an Authorization header is let through: its endpoint authenticates the
+token in the client's first frame.
 """
 
 from __future__ import annotations
@@ -34,10 +36,17 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         conn = HTTPConnection(scope)
+        if scope["type"] == "websocket" and "authorization" not in conn.headers:
+            # The endpoint takes the token from the client's first frame instead.
+            await self.app(scope, receive, send)
+            return
         try:
             scope[SCOPE_KEY] = await self._authenticate(conn)
         except NotAuthenticatedError as error:
             if scope["type"] == "websocket":
+                # Accepted, then closed: a refused handshake would carry no reason.
+                await receive()  # websocket.connect
+                await send({"type": "websocket.accept"})
                 await send({"type": "websocket.close", "code": 1008, "reason": error.detail})
                 return
             response = error_response(error.status, error.detail, headers=error.headers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import anyio
@@ -16,6 +16,7 @@ from domain.job import Job, JobStatus
 from domain.spec import parse_job_spec
 from gateway.auth import client_id
 from gateway.errors import ApiError, bad_request
+from gateway.nodes import list_nodes as list_nodes  # routed with the others
 from gateway.services import Services, parse_job_id, services
 from trainer.modelstore import CHUNK_SIZE, ObjectReader
 from trainer.modelstore import IntegrityError as ModelIntegrityError
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 50
 REQUEST_ID_MAX = 128
+MAX_JSON_DEPTH = 32  # as deep as a job's YAML config may nest
 STATUSES = tuple(s.value for s in JobStatus)
 
 
@@ -35,7 +37,11 @@ class ModelStreamAbortedError(Exception):
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON body: 415 unless JSON, 413 past `limit` bytes, 400 if malformed."""
+    """The request's JSON body: 415 unless JSON, 413 past `limit` bytes, 400 if malformed.
+
+    400 too for JSON nested deeper than MAX_JSON_DEPTH: no job spec needs that much, and
+    deeper still Python's JSON parser runs out of stack.
+    """
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
         raise ApiError(415, "the body must be JSON, sent with Content-Type: application/json")
@@ -51,10 +57,34 @@ async def read_json(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise ApiError(413, f"the body is larger than the limit of {limit} bytes")
+    too_deep = ApiError(400, f"the body's JSON is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(400, f"the body is not valid JSON: {error}") from None
+    except RecursionError:  # deeper than the parser's stack allows
+        raise too_deep from None
+    if nested_deeper_than(value, MAX_JSON_DEPTH):
+        raise too_deep
+    return value
+
+
+def nested_deeper_than(value: object, limit: int) -> bool:
+    """Whether arrays and objects in `value` nest more than `limit` levels (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[object]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def int_param(request: Request, name: str, default: int | None, low: int, high: int) -> int | None:
@@ -153,7 +183,7 @@ async def list_jobs(request: Request) -> Response:
     summary: List the client's jobs, newest first
     parameters:
       - {name: status, in: query, schema: {type: string, enum: [queued, claimed, running, completed, failed, cancelled]}}
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, default: 50}}
+      - {name: limit, in: query, schema: {type: integer, minimum: 1, default: 50}, description: 'at most TRAINYARD_GATEWAY_MAX_PAGE_SIZE (500 unless configured)'}
       - {name: cursor, in: query, schema: {type: string}, description: next_cursor of the previous page}
     responses:
       '200': {description: One page of jobs, content: {application/json: {schema: {$ref: '#/components/schemas/JobPage'}}}}
@@ -230,8 +260,8 @@ async def job_metrics(request: Request) -> Response:
     summary: Get a job's metric series
     parameters:
       - {$ref: '#/components/parameters/JobId'}
-      - {name: attempt, in: query, schema: {type: integer, minimum: 1}, description: only this attempt}
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, default: 50}}
+      - {name: attempt, in: query, schema: {type: integer, minimum: 1, maximum: 1000}, description: only this attempt}
+      - {name: limit, in: query, schema: {type: integer, minimum: 1, default: 50}, description: 'at most TRAINYARD_GATEWAY_MAX_PAGE_SIZE (500 unless configured)'}
       - {name: cursor, in: query, schema: {type: string}, description: next_cursor of the previous page}
     responses:
       '200': {description: One page of reports in (attempt, seq) order, content: {application/json: {schema: {$ref: '#/components/schemas/MetricsPage'}}}}
@@ -265,8 +295,8 @@ async def job_events(request: Request) -> Response:
       position seen as `after` for the next page.
     parameters:
       - {$ref: '#/components/parameters/JobId'}
-      - {name: after, in: query, schema: {type: integer, minimum: 0, default: 0}}
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, default: 50}}
+      - {name: after, in: query, schema: {type: integer, minimum: 0, maximum: 9223372036854775807, default: 0}}
+      - {name: limit, in: query, schema: {type: integer, minimum: 1, default: 50}, description: 'at most TRAINYARD_GATEWAY_MAX_PAGE_SIZE (500 unless configured)'}
     responses:
       '200': {description: One page of events, content: {application/json: {schema: {$ref: '#/components/schemas/EventPage'}}}}
       '400': {$ref: '#/components/responses/Error'}

@@ -6,9 +6,12 @@ Bodies are JSON: `{"detail": message}`, and for a bad request also `{"errors": [
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,6 +28,8 @@ from domain.errors import (
 from gateway.db import MissingTableError
 from trainer.modelstore import IntegrityError as ModelIntegrityError
 from trainer.modelstore import ObjectNotFoundError
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -82,6 +87,8 @@ STATUSES: dict[type[Exception], int] = {
     ObjectNotFoundError: 404,
     ModelIntegrityError: 502,
     MissingTableError: 503,
+    RedisConnectionError: 503,
+    RedisTimeoutError: 503,
 }
 
 
@@ -99,6 +106,13 @@ def _domain_error(_request: Request, exc: Exception) -> Response:
         return error_response(
             503,
             "the job board is not there yet: is the projections process running?",
+            headers={"Retry-After": "5"},
+        )
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        log.warning("Redis does not answer: %s: %s", type(exc).__name__, exc)
+        return error_response(
+            503,
+            "Redis (live node presence and job updates) does not answer; try again shortly",
             headers={"Retry-After": "5"},
         )
     headers = {"Retry-After": "1"} if status == 503 else None

@@ -23,33 +23,88 @@ _ERROR = {
 }
 _STATUS = {"type": "string", "enum": [s.value for s in JobStatus]}
 _NULLABLE_STRING = {"type": ["string", "null"]}
+_JOB_PROPERTIES = {
+    "job_id": {"type": "string", "format": "uuid"},
+    "status": _STATUS,
+    "attempt": {"type": "integer"},
+    "node_id": _NULLABLE_STRING,
+    "submitted_at": {"type": "string", "format": "date-time"},
+    "updated_at": {"type": "string", "format": "date-time"},
+    "started_at": _NULLABLE_STRING,
+    "finished_at": _NULLABLE_STRING,
+    "reason": _NULLABLE_STRING,
+    "cancel_requested": {"type": "boolean"},
+    "model_sha256": _NULLABLE_STRING,
+    "latest": {
+        "type": ["object", "null"],
+        "properties": {
+            "seq": {"type": "integer"},
+            "step": {"type": "integer"},
+            "stats": {"type": "object"},
+        },
+    },
+    "position": {"type": "integer", "description": "log position of the last event shown"},
+}
 _JOB = {
     "type": "object",
     "required": ["job_id", "status", "attempt", "projected"],
     "properties": {
-        "job_id": {"type": "string", "format": "uuid"},
-        "status": _STATUS,
-        "attempt": {"type": "integer"},
-        "node_id": _NULLABLE_STRING,
-        "submitted_at": {"type": "string", "format": "date-time"},
-        "updated_at": {"type": "string", "format": "date-time"},
-        "started_at": _NULLABLE_STRING,
-        "finished_at": _NULLABLE_STRING,
-        "reason": _NULLABLE_STRING,
-        "cancel_requested": {"type": "boolean"},
-        "model_sha256": _NULLABLE_STRING,
-        "latest": {
-            "type": ["object", "null"],
-            "properties": {
-                "seq": {"type": "integer"},
-                "step": {"type": "integer"},
-                "stats": {"type": "object"},
-            },
-        },
-        "position": {"type": "integer", "description": "log position of the last event shown"},
+        **_JOB_PROPERTIES,
         "projected": {
             "type": "boolean",
             "description": "false while the job board has not caught up with a new job",
+        },
+    },
+}
+_LISTED_JOB = {
+    "type": "object",
+    "description": "A job as the job board shows it in a list",
+    "required": ["job_id", "status", "attempt", "submitted_at", "updated_at", "position"],
+    "properties": _JOB_PROPERTIES,
+}
+
+_NODE = {
+    "type": "object",
+    "required": [
+        "node_id",
+        "slots",
+        "free_slots",
+        "draining",
+        "running_jobs",
+        "jobs",
+        "last_seen",
+        "expires_at",
+    ],
+    "properties": {
+        "node_id": {"type": "string"},
+        "slots": {"type": "integer", "minimum": 0, "description": "jobs it can run at once"},
+        "free_slots": {"type": "integer", "minimum": 0},
+        "draining": {
+            "type": "boolean",
+            "description": "it finishes its jobs and takes no new ones",
+        },
+        "running_jobs": {"type": "integer", "minimum": 0, "description": "every client's"},
+        "jobs": {
+            "type": "array",
+            "description": "the caller's own jobs among those it runs",
+            "items": {
+                "type": "object",
+                "required": ["job_id", "attempt"],
+                "properties": {
+                    "job_id": {"type": "string", "format": "uuid"},
+                    "attempt": {"type": "integer", "minimum": 1},
+                },
+            },
+        },
+        "last_seen": {
+            "type": ["string", "null"],
+            "format": "date-time",
+            "description": "when its last heartbeat was recorded (derived from the key's expiry)",
+        },
+        "expires_at": {
+            "type": ["string", "null"],
+            "format": "date-time",
+            "description": "when it stops counting as live unless another heartbeat arrives",
         },
     },
 }
@@ -83,20 +138,43 @@ BASE_SCHEMA: dict[str, Any] = {
             "JobSubmission": {
                 "type": "object",
                 "required": ["config", "env"],
+                "additionalProperties": False,
                 "properties": {
                     "config": {"type": "string", "description": "ML-Agents trainer config YAML"},
                     "env": {
-                        "type": "object",
-                        "properties": {
-                            "builtin": {"type": "string"},
-                            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                        },
+                        "description": "a built-in stand-in environment, or an uploaded build",
+                        "oneOf": [
+                            {
+                                "type": "object",
+                                "required": ["builtin"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "builtin": {
+                                        "type": "string",
+                                        "pattern": "^[a-z][a-z0-9_-]{0,63}$",
+                                    }
+                                },
+                            },
+                            {
+                                "type": "object",
+                                "required": ["sha256"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+                                },
+                            },
+                        ],
                     },
-                    "seed": {"type": "integer", "minimum": 0, "default": 0},
-                    "max_steps": {"type": ["integer", "null"], "minimum": 1},
+                    "seed": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1, "default": 0},
+                    "max_steps": {"type": ["integer", "null"], "minimum": 1, "maximum": 10**9},
                     "num_envs": {"type": "integer", "minimum": 1, "maximum": 16, "default": 1},
-                    "time_limit_s": {"type": "integer", "minimum": 1, "default": 3600},
-                    "request_id": {"type": "string", "maxLength": 128},
+                    "time_limit_s": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": 7 * 24 * 3600,
+                        "default": 3600,
+                    },
+                    "request_id": {"type": "string", "minLength": 1, "maxLength": 128},
                 },
             },
             "JobCreated": {
@@ -109,10 +187,11 @@ BASE_SCHEMA: dict[str, Any] = {
                 "properties": {"job_id": {"type": "string"}, "status": _STATUS},
             },
             "Job": _JOB,
+            "ListedJob": _LISTED_JOB,
             "JobPage": {
                 "type": "object",
                 "properties": {
-                    "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+                    "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/ListedJob"}},
                     "next_cursor": _NULLABLE_STRING,
                 },
             },
@@ -157,6 +236,14 @@ BASE_SCHEMA: dict[str, Any] = {
                     "next_after": {"type": ["integer", "null"]},
                 },
             },
+            "NodeList": {
+                "type": "object",
+                "required": ["nodes"],
+                "properties": {
+                    "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}
+                },
+            },
+            "Node": _NODE,
             "Health": {
                 "type": "object",
                 "properties": {

@@ -19,9 +19,10 @@ from domain.job import Job
 from domain.settings import StoreSettings
 from gateway.board import JobBoard
 from gateway.db import Database, create_database
-from gateway.history import History
+from gateway.fanout import Fanout
 from gateway.settings import GatewaySettings
 from gateway.tokens import TokenStore
+from gateway.updates import UpdateHistory
 from trainer.modelstore import ModelStore, ModelStoreSettings, create_model_store
 
 T = TypeVar("T")
@@ -36,10 +37,11 @@ class Services:
     db: Database
     tokens: TokenStore
     board: JobBoard
-    history: History
+    history: UpdateHistory
     models: ModelStore
     redis: aioredis.Redis
     limiter: anyio.CapacityLimiter
+    fanout: Fanout
 
     async def run(self, func: Callable[..., T], *args: object) -> T:
         """Run blocking work (database, event store, model store) in a bounded worker thread."""
@@ -59,6 +61,7 @@ class Services:
 
     async def aclose(self) -> None:
         """Release everything, the event store last."""
+        await self.fanout.aclose()
         await self.redis.aclose()
         await anyio.to_thread.run_sync(self.db.close)
         await anyio.to_thread.run_sync(self.jobs.close)
@@ -94,12 +97,13 @@ def build_services(
         db=db,
         tokens=tokens,
         board=JobBoard(db),
-        history=History(jobs, db),
+        history=UpdateHistory(jobs, db),
         models=create_model_store(model_store),
         redis=aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
         ),
         limiter=anyio.CapacityLimiter(settings.gateway_db_threads),
+        fanout=Fanout(settings.redis_url, settings.redis_key_prefix, settings.ws_queue_size),
     )
 
 

@@ -25,3 +25,18 @@ class GatewaySettings(BaseSettings):
     gateway_max_page_size: int = Field(
         500, ge=1, le=10_000, description="largest page a list endpoint returns (default 50)"
     )
+    ws_queue_size: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="updates a WebSocket client may fall behind before it is closed (1013)",
+    )
+    ws_auth_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="time a WebSocket client without header has to send auth"
+    )
+    ws_close_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="time a slow WebSocket client gets to take its close frame, then dropped",
+    )

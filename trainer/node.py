@@ -43,6 +43,7 @@ from domain.contracts import (
     Topology,
 )
 from trainer import procs
+from trainer.archive import ArchiveLimits, ArchiveSettings
 from trainer.modelstore import ModelStore, ModelStoreSettings, create_model_store
 from trainer.ports import PortAllocator
 from trainer.runner import LOG_TAIL_BYTES, JobRun, RunnerConfig
@@ -100,7 +101,13 @@ def _tail(path: str) -> str | None:
 class TrainNode:
     """The node's runs, slots and background loops; `start()` and `shutdown()` bracket them."""
 
-    def __init__(self, settings: NodeSettings, store: ModelStore, broker: RabbitBroker) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        store: ModelStore,
+        broker: RabbitBroker,
+        archive_limits: ArchiveLimits | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.broker = broker
@@ -113,6 +120,7 @@ class TrainNode:
             watchdog_s=settings.watchdog_s,
             grace_s=settings.stop_grace_s,
             timeout_wait_s=settings.timeout_wait_s,
+            archive_limits=archive_limits or ArchiveLimits(),
         )
         self.runs: dict[RunKey, JobRun] = {}
         self.tasks: dict[RunKey, asyncio.Task[None]] = {}
@@ -382,14 +390,16 @@ class TrainNode:
 
 
 def create_app(
-    settings: NodeSettings | None = None, model_store: ModelStoreSettings | None = None
+    settings: NodeSettings | None = None,
+    model_store: ModelStoreSettings | None = None,
+    archive: ArchiveSettings | None = None,
 ) -> FastStream:
     """Build the node, its broker and control subscriber; connects only when the app starts."""
     settings = settings or NodeSettings()
     store = create_model_store(model_store or ModelStoreSettings())
     topology = Topology(settings.queue_prefix)
     broker = RabbitBroker(settings.amqp_url, description=f"Trainyard train node {settings.node_id}")
-    node = TrainNode(settings, store, broker)
+    node = TrainNode(settings, store, broker, (archive or ArchiveSettings()).limits())
 
     @broker.subscriber(
         control_queue(topology, settings.node_id),

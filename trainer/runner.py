@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -42,6 +42,7 @@ from domain.contracts import (
 )
 from domain.errors import JobSpecError
 from trainer import procs
+from trainer.archive import ArchiveLimits
 from trainer.builds import EnvError, resolve_env, sha256_file
 from trainer.launcher import STATS_FILE_ENV
 from trainer.modelstore import ModelStore, ModelStoreError, model_key
@@ -69,6 +70,7 @@ class RunnerConfig:
     poll_s: float = 0.5
     timeout_wait_s: int | None = None  # mlagents-learn --timeout-wait; None keeps its default
     env_args: tuple[str, ...] = ()  # passed to every build through --env-args
+    archive_limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # of uploaded builds
     python: str = sys.executable
 
 
@@ -229,9 +231,21 @@ class JobRun:
             return self._stopped()  # stopped before it started
         try:
             spec = self.dispatch.job_spec()
-            env_path = resolve_env(spec.env, self.config.builds_dir)
-        except (JobSpecError, EnvError) as error:
+        except JobSpecError as error:
             return self._failed(f"cannot run the job: {error}")
+        try:
+            # Off the event loop: an uploaded build may be downloaded and unpacked first.
+            env_path = await asyncio.to_thread(
+                resolve_env,
+                spec.env,
+                self.config.builds_dir,
+                self.store,
+                self.config.archive_limits,
+            )
+        except EnvError as error:
+            return self._failed(f"cannot run the job: {error}", retryable=error.retryable)
+        if self._stopping.is_set():
+            return self._stopped()  # stopped while the build was being fetched
         try:
             self.port_block = self.ports.allocate()
         except NoFreePortsError as error:

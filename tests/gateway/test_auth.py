@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.gateway.conftest import SPEC, Gateway
+from tests.gateway.conftest import BODY_LIMIT, SPEC, Gateway
 
-PATHS = ["/jobs", "/jobs/00000000-0000-0000-0000-000000000001", "/openapi.json"]
+PATHS = ["/jobs", "/jobs/00000000-0000-0000-0000-000000000001", "/nodes", "/openapi.json"]
 
 
 def refused(response: httpx.Response, *, invalid_token: bool) -> None:
@@ -35,7 +37,8 @@ def test_a_submit_without_a_token_records_nothing(gateway: Gateway) -> None:
 
 
 @pytest.mark.parametrize(
-    "header", ["Basic dXNlcjpwYXNz", "Token abc", "Bearer", "bearer", "Negotiate abc"]
+    "header",
+    ["Basic dXNlcjpwYXNz", "Token abc", "Bearer", "bearer", "", "Negotiate abc"],
 )
 def test_a_header_of_another_scheme_or_without_a_token_is_refused(
     gateway: Gateway, header: str
@@ -53,6 +56,19 @@ def test_an_unknown_or_malformed_token_is_refused(gateway: Gateway) -> None:
             refused(http.get("/jobs"), invalid_token=True)
     with gateway.client(token=real) as http:
         assert http.get("/jobs").status_code == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_upload_without_a_token_is_refused_not_measured(gateway: Gateway, chunked: bool) -> None:
+    body = json.dumps({**SPEC, "padding": "x" * (2 * BODY_LIMIT)}).encode()
+    content: bytes | Iterator[bytes] = body
+    if chunked:
+        content = iter([body[i : i + 65536] for i in range(0, len(body), 65536)])
+    with gateway.client() as http:
+        response = http.post("/jobs", content=content, headers={"Content-Type": "application/json"})
+        # 401, not 413: who is asking is settled before anything of the body is read.
+        refused(response, invalid_token=False)
+    assert gateway.jobs.recorder.max_notification_id() in (None, 0)
 
 
 def test_a_revoked_token_is_refused_and_other_tokens_of_the_client_still_work(

@@ -186,6 +186,51 @@ def test_malformed_json_is_a_bad_request(gateway: Gateway, body: bytes) -> None:
     assert "JSON" in response.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        ("5", "integer"),
+        ("null", "null"),
+        ('"a spec"', "string"),
+        ("true", "boolean"),
+        ("[]", "array"),
+    ],
+)
+def test_json_that_is_not_an_object_is_refused_clearly(
+    gateway: Gateway, body: str, kind: str
+) -> None:
+    with gateway.client("client-a") as http:
+        response = http.post("/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    (error,) = response.json()["errors"]
+    assert error["field"] == "spec"
+    assert "JSON object" in error["reason"]
+    assert kind in error["reason"]
+
+
+@pytest.mark.parametrize("depth", [33, 5_000, 100_000])
+def test_deeply_nested_json_is_refused(gateway: Gateway, depth: int) -> None:
+    # 100,000 levels are far past what Python's JSON parser can hold on its stack.
+    nested = "[" * (depth - 1) + "]" * (depth - 1)
+    body = json.dumps(SPEC)[:-1] + f', "padding": {nested}}}'
+    with gateway.client("client-a") as http:
+        response = http.post("/jobs", content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"] == "the body's JSON is nested deeper than 32 levels"
+        assert http.get("/jobs").status_code == 200  # the server is fine
+    assert gateway.jobs.recorder.max_notification_id() in (None, 0)
+
+
+def test_json_nested_up_to_the_limit_is_read(gateway: Gateway) -> None:
+    nested = "[" * 31 + "]" * 31  # 32 levels with the body's own object
+    body = json.dumps(SPEC)[:-1] + f', "padding": {nested}}}'
+    with gateway.client("client-a") as http:
+        response = http.post("/jobs", content=body, headers={"Content-Type": "application/json"})
+    # Read, then refused for what it says: the spec has no such field.
+    assert response.status_code == 422
+    assert [e["field"] for e in response.json()["errors"]] == ["padding"]
+
+
 def test_a_retried_submit_with_the_same_request_id_is_the_same_job(gateway: Gateway) -> None:
     with gateway.client("client-a") as alice, gateway.client("client-b") as bob:
         first = submit(alice, request_id="req-1")

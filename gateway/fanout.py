@@ -1,0 +1,183 @@
+"""One Redis reader per process, fanning every job's live updates out to its WebSocket clients.
+
+The reader follows the global update stream with `XREAD BLOCK` on a connection of its own
+(its socket timeout longer than the block: redis-py's default would break a long block), and
+always passes the last id it read: re-reading from `$` would lose entries added between two
+reads. Each entry is turned into its frame once and put on the bounded queue of every
+subscriber to its job; a subscriber whose queue is full is marked overflowed (its connection
+then closes with 1013) instead of slowing the reader and everyone else. After each read the
+reader yields, so connections that keep up empty their queues before the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.updates import Outgoing, outgoing
+from projections.publisher import global_stream, job_stream
+
+log = logging.getLogger(__name__)
+
+BLOCK_MS = 5000
+READ_COUNT = 1000
+CONNECT_TIMEOUT_S = 5.0
+RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+Entry = tuple[str, dict[str, str]]
+
+
+class Subscription:
+    """One connection's live updates of one job: a bounded queue, and whether it overflowed."""
+
+    def __init__(self, job_id: str, size: int) -> None:
+        self.job_id = job_id
+        self.queue: asyncio.Queue[Outgoing] = asyncio.Queue(size)
+        self.overflowed = asyncio.Event()
+
+    def offer(self, item: Outgoing) -> None:
+        """Queue `item`, or mark the subscription overflowed when its queue is full."""
+        if self.overflowed.is_set():
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.overflowed.set()
+
+
+class FanoutUnavailableError(Exception):
+    """The reader could not start following the update stream (Redis does not answer)."""
+
+
+class Fanout:
+    """The process's one reader of the global update stream and its subscribers."""
+
+    def __init__(self, redis_url: str, prefix: str, queue_size: int) -> None:
+        self.prefix = prefix
+        self.queue_size = queue_size
+        # A read never brings more than a client's queue holds: a burst larger than the queue
+        # must not close clients that keep up with it.
+        self.read_count = min(READ_COUNT, queue_size)
+        self.key = global_stream(prefix)
+        # Per-connection catch-up reads (short commands) and the blocking reader's own line.
+        self.redis = aioredis.Redis.from_url(
+            redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2
+        )
+        self._reader = aioredis.Redis.from_url(
+            redis_url,
+            decode_responses=True,
+            socket_timeout=BLOCK_MS / 1000 + 10,
+            socket_connect_timeout=2,
+        )
+        self._subscribers: dict[str, set[Subscription]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self.last_id: str | None = None
+
+    def job_key(self, job_id: str) -> str:
+        """The key of one job's update stream."""
+        return job_stream(self.prefix, job_id)
+
+    async def subscribe(self, job_id: str) -> Subscription:
+        """A subscription to the job's updates read from now on.
+
+        Returns once the reader knows where it starts, so that everything a catch-up read
+        after this call does not see is still to come through the subscription.
+        """
+        sub = Subscription(job_id, self.queue_size)
+        self._subscribers.setdefault(job_id, set()).add(sub)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="trainyard-update-fanout")
+            self._task.add_done_callback(self._stopped)
+        try:
+            await asyncio.wait_for(self._ready.wait(), CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            self.unsubscribe(sub)
+            raise FanoutUnavailableError(
+                "live updates are unavailable: Redis does not answer"
+            ) from None
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Stop delivering to `sub`."""
+        subs = self._subscribers.get(sub.job_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subscribers[sub.job_id]
+
+    @property
+    def subscribers(self) -> int:
+        """How many subscriptions are open."""
+        return sum(len(s) for s in self._subscribers.values())
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the update reader failed", exc_info=task.exception())
+        # Its subscribers would wait forever: close them (1013, they resume with `after`),
+        # and let the next subscription start a new reader.
+        for subs in self._subscribers.values():
+            for sub in subs:
+                sub.overflowed.set()
+        self._task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                if self.last_id is None:
+                    self.last_id = await self._tip()
+                    self._ready.set()
+                    log.info("following %s after %s", self.key, self.last_id)
+                reply: Any = await self._reader.xread(
+                    {self.key: self.last_id}, count=self.read_count, block=BLOCK_MS
+                )
+            except (RedisError, OSError) as error:
+                delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
+                failures += 1
+                log.warning("reading %s failed (%s); retrying in %.1f s", self.key, error, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for _key, entries in reply or ():
+                self._deliver(entries)
+            # Let the connections send what was just queued before the next read.
+            await asyncio.sleep(0)
+
+    async def _tip(self) -> str:
+        last: Any = await self._reader.xrevrange(self.key, "+", "-", count=1)
+        return str(last[0][0]) if last else "0-0"
+
+    def _deliver(self, entries: Sequence[Entry]) -> None:
+        subscribers = self._subscribers
+        for entry_id, fields in entries:
+            self.last_id = entry_id
+            subs = subscribers.get(fields.get("job_id", ""))
+            if not subs:
+                continue
+            try:
+                item = outgoing(entry_id, fields)
+            except ValueError as error:
+                # Not an update the projections wrote: it cannot be sent, and waiting for it
+                # would stop every client's stream.
+                log.error("skipped entry %s of %s: %s", entry_id, self.key, error)
+                continue
+            for sub in list(subs):
+                sub.offer(item)
+
+    async def aclose(self) -> None:
+        """Stop the reader and close its connections."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._reader.aclose()
+        await self.redis.aclose()
