@@ -29,7 +29,7 @@ test: setup services lint
 	$(BIN)/pytest
 
 demo: setup services
-	$(BIN)/python scripts/demo.py
+	$(BIN)/trainyard demo
 
 bench: setup services
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
