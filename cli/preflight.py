@@ -15,20 +15,22 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from domain.settings import StoreSettings
+from gateway.builds import BuildSettings
 from gateway.settings import GatewaySettings
 from handlers.settings import HandlerSettings
 from projections.settings import ProjectionSettings
+from trainer.archive import ArchiveSettings
 from trainer.modelstore import ModelStoreSettings
 from trainer.settings import NodeSettings
 
 S = TypeVar("S", bound=BaseSettings)
 
-# The settings classes each process reads (the gateway shows TRAINYARD_NODE_TTL_S on /nodes).
+# The settings classes each process reads.
 PROCESS_SETTINGS: dict[str, tuple[type[BaseSettings], ...]] = {
-    "gateway": (StoreSettings, GatewaySettings, ModelStoreSettings, HandlerSettings),
+    "gateway": (StoreSettings, GatewaySettings, ModelStoreSettings, BuildSettings),
     "handlers": (StoreSettings, HandlerSettings),
     "projections": (StoreSettings, ProjectionSettings),
-    "train-node": (NodeSettings, ModelStoreSettings),
+    "train-node": (NodeSettings, ModelStoreSettings, ArchiveSettings),
 }
 SERVICES_HINT = "scripts/services.sh (from a Trainyard checkout) starts every service that is down"
 

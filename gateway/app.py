@@ -22,6 +22,7 @@ from starlette.schemas import SchemaGenerator
 from domain.settings import StoreSettings
 from gateway import builds, endpoints, stream
 from gateway.auth import BearerAuth
+from gateway.builds import BuildSettings
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.openapi import BASE_SCHEMA
 from gateway.services import build_services
@@ -63,6 +64,7 @@ def create_app(
     settings: GatewaySettings | None = None,
     store: StoreSettings | None = None,
     model_store: ModelStoreSettings | None = None,
+    build_settings: BuildSettings | None = None,
 ) -> Starlette:
     """The gateway app; settings default to the TRAINYARD_* environment."""
     gateway_settings = settings or GatewaySettings()
@@ -79,12 +81,15 @@ def create_app(
         finally:
             await services.aclose()
 
-    return Starlette(
+    app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(BearerAuth)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    # Read now, so a bad TRAINYARD_BUILD_* value stops the server at start, not at an upload.
+    app.state.build_settings = build_settings or BuildSettings()
+    return app
 
 
 app = create_app()

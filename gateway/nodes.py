@@ -14,7 +14,6 @@ the board has not caught up with.
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -34,7 +33,6 @@ from domain.job import Job
 from gateway.auth import client_id
 from gateway.db import MissingTableError
 from gateway.services import Services, services
-from handlers.settings import HandlerSettings
 from projections.view import JOBS_TABLE
 
 log = logging.getLogger(__name__)
@@ -51,12 +49,6 @@ class LiveNode:
 
     heartbeat: Heartbeat
     expires_in_ms: int | None  # None: the key has no expiry (not written by the handlers)
-
-
-@functools.cache
-def node_ttl_s() -> int:
-    """How long a node's key lives after a heartbeat: the handlers' TRAINYARD_NODE_TTL_S."""
-    return HandlerSettings().node_ttl_s
 
 
 def _text(key: bytes | str) -> str:
@@ -184,5 +176,5 @@ async def list_nodes(request: Request) -> Response:
     now = datetime.now(UTC)
     running = {ref.job_id for node in nodes for ref in node.heartbeat.running}
     own = await svc.run(owned_jobs, svc, client_id(request), running) if running else set()
-    ttl_s = node_ttl_s()
+    ttl_s = svc.settings.node_ttl_s
     return JSONResponse({"nodes": [node_json(node, own, now, ttl_s) for node in nodes]})

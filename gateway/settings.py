@@ -16,6 +16,12 @@ class GatewaySettings(BaseSettings):
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
     redis_key_prefix: str = Field("trainyard:", max_length=64, description="prefix of Redis keys")
+    node_ttl_s: int = Field(
+        30,
+        ge=1,
+        le=3600,
+        description="A node counts as live this long after its last heartbeat (as the handlers)",
+    )
     gateway_db_threads: int = Field(
         16, ge=1, le=200, description="threads doing database and event store work at once"
     )

@@ -16,10 +16,12 @@ from redis.asyncio import Redis
 
 from domain.contracts import AttemptRef, Heartbeat
 from domain.settings import StoreSettings
-from gateway.nodes import node_ttl_s
+from gateway.settings import GatewaySettings
 from handlers.presence import Presence
 from tests.conftest import postgres_settings
 from tests.gateway.conftest import REDIS_URL, SPEC, Gateway, start
+
+NODE_TTL_S = GatewaySettings().node_ttl_s
 
 
 def unique_prefix() -> str:
@@ -66,7 +68,7 @@ async def presence(redis: Redis, prefix: str) -> AsyncIterator[Presence]:
 
 
 def presence_for(redis: Redis, prefix: str, ttl_s: int | None = None) -> Presence:
-    return Presence(redis, key_prefix=prefix, node_ttl_s=ttl_s or node_ttl_s(), lease_ttl_s=60)
+    return Presence(redis, key_prefix=prefix, node_ttl_s=ttl_s or NODE_TTL_S, lease_ttl_s=60)
 
 
 async def delete_prefix(redis: Redis, prefix: str) -> None:
@@ -117,7 +119,7 @@ async def test_live_nodes_are_listed_by_id_with_their_slots(
         expires_at = datetime.fromisoformat(node["expires_at"])
         # Milliseconds of rounding either way; the heartbeat was recorded within the test.
         assert before - timedelta(seconds=0.01) <= last_seen <= after + timedelta(seconds=0.01)
-        assert expires_at - last_seen == timedelta(seconds=node_ttl_s())
+        assert expires_at - last_seen == timedelta(seconds=NODE_TTL_S)
         assert expires_at > after
 
 
@@ -208,7 +210,7 @@ async def test_the_time_of_a_heartbeat_is_not_made_up(
     gateway: Gateway, redis: Redis, prefix: str, presence: Presence
 ) -> None:
     # Written with a longer TTL than the configured one, its time cannot be derived honestly.
-    await presence_for(redis, prefix, ttl_s=node_ttl_s() + 600).record(beat("node-long"))
+    await presence_for(redis, prefix, ttl_s=NODE_TTL_S + 600).record(beat("node-long"))
     await redis.set(f"{prefix}node:node-forever", beat("node-forever").model_dump_json())
     with gateway.client("client-a") as http:
         forever, long = nodes(http)
