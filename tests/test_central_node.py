@@ -7,10 +7,6 @@ the Redis Streams and the event store.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +14,6 @@ from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
-import aio_pika
 import psycopg
 import pytest
 from faststream.rabbit import RabbitBroker
@@ -41,44 +36,18 @@ from domain.settings import StoreSettings
 from domain.spec import parse_job_spec
 from tests.conftest import POSTGRES_DSN, postgres_settings
 from tests.handlers.conftest import AMQP_URL, REDIS_URL, delete_topology, eventually
+from tests.processes import (
+    Process,
+    central_env,
+    queues_exist,
+    start_handlers,
+    start_projections,
+)
 
 pytestmark = pytest.mark.slow
 
 SHA = "ab" * 32
 CONFIG = "behaviors:\n  Reach:\n    trainer_type: ppo\n"
-
-
-class Process:
-    """One central-node process, its output in a log file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args, self.env, self.log = args, env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        """Start (again)."""
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=Path.cwd()
-            )
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to finish what it was doing."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it does not stop."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
 
 @dataclass
@@ -144,54 +113,33 @@ def progress(job_id: UUID, attempt: int, node: str, seq: int) -> Progress:
     )
 
 
-async def queues_exist(topology: Topology) -> bool:
-    """Whether the handlers declared their queues (a message sent before would be dropped)."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        for name in (topology.claims, topology.reports, topology.heartbeats):
-            channel = await connection.channel()  # a failed passive declare closes the channel
-            try:
-                await channel.declare_queue(name, passive=True)
-            except aio_pika.exceptions.ChannelClosed:
-                return False
-    return True
-
-
 @pytest.fixture
-async def system(pg_schema: str, tmp_path: Path) -> AsyncIterator[System]:
-    """Handlers and projections as processes on a throwaway schema, queues and Redis keys."""
+async def system(
+    pg_schema: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[System]:
+    """Handlers and projections as processes on a throwaway schema, queues and Redis keys.
+
+    Settings given as the fixture's indirect parameter override the defaults below.
+    """
     tag = uuid.uuid4().hex[:12]
     store = postgres_settings(pg_schema)
     topology = Topology(f"test-{tag}.")
     key_prefix = f"test:{tag}:"
     env = {
-        **os.environ,
-        "TRAINYARD_EVENT_STORE": "postgres",
-        "TRAINYARD_POSTGRES_HOST": store.postgres_host,
-        "TRAINYARD_POSTGRES_PORT": str(store.postgres_port),
-        "TRAINYARD_POSTGRES_DBNAME": store.postgres_dbname,
-        "TRAINYARD_POSTGRES_USER": store.postgres_user,
-        "TRAINYARD_POSTGRES_PASSWORD": store.postgres_password,
-        "TRAINYARD_POSTGRES_SCHEMA": pg_schema,
-        "TRAINYARD_AMQP_URL": AMQP_URL,
-        "TRAINYARD_REDIS_URL": REDIS_URL,
-        "TRAINYARD_QUEUE_PREFIX": topology.prefix,
-        "TRAINYARD_REDIS_KEY_PREFIX": key_prefix,
+        **central_env(store, topology, key_prefix, AMQP_URL, REDIS_URL),
         "TRAINYARD_LEASE_TTL_S": "2",
         "TRAINYARD_WATCHDOG_INTERVAL_S": "0.5",
         "TRAINYARD_WATCHDOG_GRACE_S": "1",
         "TRAINYARD_PROJECTION_POLL_INTERVAL": "0.2",
+        **getattr(request, "param", {}),
     }
-    bin_dir = Path(sys.executable).parent
     jobs = JobsApplication(store.eventsourcing_env())
     # The event store's tables exist before either process starts.
-    handlers = Process(
-        [str(bin_dir / "faststream"), "run", "handlers.app:app"], env, tmp_path / "handlers.log"
-    )
-    projections = Process([sys.executable, "-m", "projections"], env, tmp_path / "projections.log")
+    handlers = start_handlers(env, tmp_path / "handlers.log")
+    projections = start_projections(env, tmp_path / "projections.log")
     redis = Redis.from_url(REDIS_URL)
     try:
-        await eventually(lambda: queues_exist(topology), "the handlers' queues")
+        await eventually(lambda: queues_exist(AMQP_URL, topology), "the handlers' queues")
         async with RabbitBroker(AMQP_URL) as client:
             await client.start()
             yield System(store, topology, key_prefix, jobs, client, redis, handlers)
@@ -279,6 +227,12 @@ async def test_a_lost_lease_requeues_and_the_old_attempt_changes_nothing(system:
     await eventually(lambda: system.board(job_id) == ("running", 2, "node-2"), "board attempt 2")
 
 
+# No heartbeat renews the attempt's lease, and no report arrives while the handlers restart:
+# a long grace keeps the watchdog from queueing the next attempt meanwhile, which would make
+# every later report stale.
+@pytest.mark.parametrize(
+    "system", [{"TRAINYARD_WATCHDOG_GRACE_S": "600"}], ids=["long-grace"], indirect=True
+)
 async def test_a_handler_killed_mid_stream_loses_and_duplicates_nothing(system: System) -> None:
     job_id = system.submit()
     assert (await system.claim(job_id, 1, "node-1")).granted
