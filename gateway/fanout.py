@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway.updates import Outgoing, outgoing
 from projections.publisher import global_stream, job_stream
@@ -33,6 +33,11 @@ RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 Entry = tuple[str, dict[str, str]]
 
 
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class Subscription:
     """One connection's live updates of one job: a bounded queue, and whether it overflowed."""
 
@@ -40,6 +45,13 @@ class Subscription:
         self.job_id = job_id
         self.queue: asyncio.Queue[Outgoing] = asyncio.Queue(size)
         self.overflowed = asyncio.Event()
+        self.reason = "client too slow"
+
+    def end(self, reason: str) -> None:
+        """Close the subscription for `reason` (the client resumes with `after`)."""
+        if not self.overflowed.is_set():
+            self.reason = reason
+            self.overflowed.set()
 
     def offer(self, item: Outgoing) -> None:
         """Queue `item`, or mark the subscription overflowed when its queue is full."""
@@ -125,7 +137,7 @@ class Fanout:
         # and let the next subscription start a new reader.
         for subs in self._subscribers.values():
             for sub in subs:
-                sub.overflowed.set()
+                sub.end("live updates stopped")
         self._task = None
 
     async def _run(self) -> None:
@@ -146,10 +158,41 @@ class Fanout:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
+            if not reply:
+                with contextlib.suppress(RedisError, OSError):  # the next read retries
+                    await self._check_reset()
             for _key, entries in reply or ():
                 self._deliver(entries)
             # Let the connections send what was just queued before the next read.
             await asyncio.sleep(0)
+
+    async def _check_reset(self) -> None:
+        """After an idle read: start over if the stream now ends below where the reader is.
+
+        That happens when the projections dropped streams written from another event store
+        (a local data directory deleted and started afresh) and write this log's from id 1:
+        reading on after the old id would skip them. Open connections are closed (1013) and
+        resume from the event log.
+        """
+        if self.last_id is None or self.last_id == "0-0":
+            return
+        try:
+            info: Any = await self._reader.xinfo_stream(self.key)
+            tip = str(info["last-generated-id"])
+        except ResponseError:
+            tip = "0-0"  # no stream: it was deleted
+        if _id_key(tip) >= _id_key(self.last_id):
+            return
+        log.warning(
+            "%s was reset (it ends at %s, read up to %s): reading it again from the start",
+            self.key,
+            tip,
+            self.last_id,
+        )
+        self.last_id = "0-0"
+        for subs in self._subscribers.values():
+            for sub in subs:
+                sub.end("update stream reset")
 
     async def _tip(self) -> str:
         last: Any = await self._reader.xrevrange(self.key, "+", "-", count=1)

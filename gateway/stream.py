@@ -235,7 +235,7 @@ class JobStream:
         await self._subscribed.wait()
         assert self._subscription is not None
         await self._subscription.overflowed.wait()
-        raise CloseError(TRY_AGAIN, "client too slow")
+        raise CloseError(TRY_AGAIN, self._subscription.reason)
 
     # --- the client's frames ----------------------------------------------------
 

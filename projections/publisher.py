@@ -11,6 +11,8 @@ resumes with `XREAD ... STREAMS key <last id seen>`; the id is also the `positio
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 
 import redis
@@ -18,8 +20,15 @@ import redis
 from domain.job import TERMINAL_STATUSES
 from projections.board import Update
 
+log = logging.getLogger(__name__)
+
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 _FINISHED = frozenset(status.value for status in TERMINAL_STATUSES)
 _ALREADY_ADDED = "equal or smaller than the target stream top item"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def job_stream(prefix: str, job_id: str) -> str:
@@ -84,6 +93,40 @@ class StreamPublisher:
             added += 1
         self.published_upto = int(updates[-1]["position"])
         return added
+
+    def adopt(self, position: int | None) -> int:
+        """Drop the streams under the prefix if they did not come from this log; returns the
+        number of streams dropped.
+
+        Updates are published only after the job board committed them, so streams written from
+        this log never hold an id above the board's position. Streams that do were written from
+        another event store (one that was deleted or reset, e.g. a removed local data directory):
+        their ids would make Redis refuse this log's updates as already published, and clients
+        would see nothing. They are derived data; what they held is in the other store's log.
+        """
+        try:
+            info = self.client.xinfo_stream(global_stream(self.prefix))
+        except redis.ResponseError:
+            return 0  # no stream yet
+        last = int(_text(info["last-generated-id"]).partition("-")[0])
+        if last <= (position or 0):
+            return 0
+        pattern = _GLOB_SPECIAL.sub(r"\\\1", f"{self.prefix}jobs:") + "*:updates"
+        found = (
+            k.decode() if isinstance(k, bytes) else str(k) for k in self.client.scan_iter(pattern)
+        )
+        ordered = sorted({global_stream(self.prefix), *found})
+        for start in range(0, len(ordered), 500):
+            self.client.unlink(*ordered[start : start + 500])
+        log.warning(
+            "the update streams under %r hold positions up to %d but the job board is at %s: "
+            "they come from another event store; dropped %d streams",
+            self.prefix,
+            last,
+            position,
+            len(ordered),
+        )
+        return len(ordered)
 
     def _finished(self, updates: Sequence[Update]) -> list[str]:
         """The streams of jobs whose update here is terminal, when finished streams expire.

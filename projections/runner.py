@@ -107,6 +107,7 @@ class BatchRunner:
     def publish_pending(self) -> None:
         """Publish what an earlier run committed but may not have published (after a crash)."""
         if self.publisher is not None:
+            self.publisher.adopt(self.position)
             pending = self.view.pending_updates()
             added = self.publisher.publish(pending)
             if pending:

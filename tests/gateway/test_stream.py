@@ -439,3 +439,26 @@ async def test_a_slow_client_is_closed_while_the_others_keep_receiving(streams: 
         # The other client is still served.
         await fast.send(json.dumps({"type": "ping"}))
         assert await receive_json(fast) == {"type": "pong"}
+
+
+async def test_a_stream_written_again_from_a_new_log_closes_open_clients(streams: Streams) -> None:
+    # The projections drop streams written from another event store (a local data directory
+    # deleted and started afresh) and write the new log's updates from id 1: the shared
+    # reader, which read past that, must start over, and open clients must resume.
+    gateway = streams.gateway
+    token = gateway.tokens.create("client-a")
+    with gateway.client(token=token) as http:
+        job_id = submit(http)
+    await asyncio.to_thread(streams.publish)
+    async with streams.connect(job_id, token) as ws:
+        snapshot = await receive_json(ws)
+        tip = int(snapshot["id"].split("-")[0])
+        await asyncio.to_thread(add_big_updates, streams, job_id, tip + 1, 3)
+        assert ids(await updates(ws, 3)) == [tip + 1, tip + 2, tip + 3]
+        streams.redis.delete(global_stream(streams.prefix), streams.job_key(job_id))
+        await asyncio.to_thread(add_big_updates, streams, job_id, 1, 1)
+        _messages, code, reason = await until_closed(ws)
+        assert (code, reason) == (1013, "update stream reset")
+    # A new connection is served from the stream as it is now.
+    async with streams.connect(job_id, token, query={"after": "0-0"}) as ws:
+        assert ids(await updates(ws, 1)) == [1]

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import redis
 from eventsourcing.persistence import Tracking
 
 from domain.application import JobsApplication, ProgressReport
 from domain.job import JobStatus
+from projections.__main__ import build_view
 from projections.jobboard import JobBoardView
 from projections.publisher import StreamPublisher, global_stream, job_stream
 from projections.runner import rebuild
+from tests.conftest import sqlite_settings
 from tests.projections.conftest import (
     all_entries,
     job_entries,
@@ -230,3 +233,30 @@ def test_a_finished_jobs_stream_expires_and_a_running_jobs_does_not(
     assert redis_client.ttl(global_stream(prefix)) == -1
     # Everything was still published, the finished job's completion included.
     assert job_entries(redis_client, prefix, finished)[-1]["type"] == "completed"
+
+
+def test_streams_left_by_a_deleted_event_store_give_way_to_the_new_one(
+    tmp_path: Path, redis_client: redis.Redis, prefix: str
+) -> None:
+    # A local data directory removed and started afresh: Redis still holds the old log's
+    # streams, whose ids would make it refuse the new log's updates as already published.
+    job_ids = []
+    for name, others in (("old", 3), ("new", 0)):
+        (tmp_path / name).mkdir()
+        store = sqlite_settings(tmp_path / name)
+        app = JobsApplication(store.eventsourcing_env(), max_attempts=3)
+        view = build_view(store)
+        try:
+            for n in range(others):
+                app.submit(spec(), client_id="client-a", request_id=f"other-{n}")
+            job_ids.append(app.submit(spec(), client_id="client-a", request_id="same-request"))
+            follow = runner(app, view, StreamPublisher(redis_client, prefix=prefix))
+            follow.publish_pending()  # what a starting runner does first
+            follow.catch_up()
+        finally:
+            view.close()
+            app.close()
+    # The job id (derived from the same request id) shows the new log's history only.
+    updates = job_entries(redis_client, prefix, job_ids[-1])
+    assert [(u["type"], u["position"]) for u in updates] == [("submitted", "1"), ("queued", "2")]
+    assert [entry_id for entry_id, _ in all_entries(redis_client, prefix)] == ["1-0", "2-0"]
