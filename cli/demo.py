@@ -23,6 +23,7 @@ from cli.render import console, fmt_duration, fmt_reward, reward_of
 
 DEFAULT_DATA_DIR: Final = Path(".trainyard-demo")
 READY_TIMEOUT_S: Final = 180.0
+TRAIN_TIMEOUT_S: Final = 600.0  # from submit to model; the demo takes about a minute here
 # What each stand-in build trains with: behaviour, steps, and PPO settings that learn it fast.
 BUILDS: Final[dict[str, tuple[str, int, dict[str, Any]]]] = {
     "gridgoal": ("GridGoal", 20_000, {"beta": 1.0e-2}),
@@ -134,7 +135,18 @@ def _train(
     model_dir.mkdir(parents=True, exist_ok=True)
     destination = model_dir / f"{behavior}-{job_id}.onnx"
     trained = time.monotonic()
-    result = follow(gateway, job_id, save_to=destination, check=check)
+
+    def check_in_time() -> None:
+        check()
+        if time.monotonic() - trained > TRAIN_TIMEOUT_S:
+            status = gateway.job(job_id).get("status", "unknown")
+            raise CliError(
+                f"the demo job {job_id} is still {status} after {TRAIN_TIMEOUT_S:.0f} s; "
+                f"the process logs are in {root / 'logs'}",
+                EXIT_FAILED,
+            )
+
+    result = follow(gateway, job_id, save_to=destination, check=check_in_time)
     if result.status != "completed":
         reason = gateway.job(job_id).get("reason") or "no reason recorded"
         raise CliError(f"the demo job {job_id} {result.status}: {reason}", EXIT_FAILED)
