@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway.conftest import Gateway
+from tests.conftest import postgres_settings
+from tests.gateway.conftest import Gateway, start
 from tests.trainer.buildarchives import GZIP, ZIP, Entry, standin_tar_gz, tar_gz, zip_archive
 from trainer.builds import build_key
 
@@ -169,9 +170,15 @@ def test_a_hostile_or_broken_archive_is_refused_with_its_reason(
 
 
 def test_uploads_past_the_size_limit_are_refused_with_413(
-    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+    pg_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Read when the gateway starts.
     monkeypatch.setenv("TRAINYARD_BUILD_LIMIT_BYTES", "4096")
+    with start(postgres_settings(pg_schema), tmp_path) as gateway:
+        refuses_uploads_past_4096_bytes(gateway)
+
+
+def refuses_uploads_past_4096_bytes(gateway: Gateway) -> None:
     archive = tar_gz([PLAYER, Entry("noise", random.Random(1).randbytes(10_000))])
     assert len(archive) > 4096
 
