@@ -1,7 +1,9 @@
 """The gateway: WebSocket fan-out latency, and jobs submitted per second over HTTP.
 
-The gateway runs as `uvicorn gateway.app:app` in a subprocess, on a fresh PostgreSQL schema
-and its own Redis key prefix.
+The gateway runs as `uvicorn gateway.app:app --workers N` in a subprocess, as it is deployed
+(docker-compose.yml: N = GATEWAY_WORKERS, default 2; here BENCH_GATEWAY_WORKERS, default 2), on
+a fresh PostgreSQL schema and its own Redis key prefix. Each worker process has its own reader
+of the update stream and serves the connections the kernel hands it.
 
 fanout (1): 200, then 1000 WebSocket clients (CLIENTS_PER_PROCESS per client process, so that
 one client process is not what is measured) watch one job's stream. This process appends
@@ -50,6 +52,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import httpx  # noqa: E402
+import psutil  # noqa: E402
 import psycopg  # noqa: E402
 import redis  # noqa: E402
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
@@ -70,6 +73,7 @@ CONFIG = "behaviors:\n  Reach:\n    trainer_type: ppo\n"
 SPEC: dict[str, Any] = {"config": CONFIG, "env": {"builtin": "reach"}, "seed": 7}
 # (1) fan-out
 # A job reports progress every few seconds; 2/s to 1,000 watchers is already 2,000 sends/s.
+GATEWAY_WORKERS = int(os.environ.get("BENCH_GATEWAY_WORKERS", "2"))
 FANOUT_RATE = float(os.environ.get("BENCH_FANOUT_RATE", "2"))  # updates/s
 FANOUT_UPDATES = int(os.environ.get("BENCH_FANOUT_UPDATES", "60"))  # per round
 WARMUP_UPDATES = 5  # the first updates of a round are not counted
@@ -114,9 +118,14 @@ def summary(name: str, values_ms: Sequence[float]) -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time a process and its live children (the gateway's workers) have used so far."""
+    process = psutil.Process(pid)
+    total = 0.0
+    for each in (process, *process.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = each.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def raise_open_files() -> None:
@@ -200,6 +209,7 @@ def gateway() -> Iterator[Setup]:
                 f"--port={port}",
                 "--log-level=warning",
                 "--backlog=4096",
+                f"--workers={GATEWAY_WORKERS}",
             ],
             cwd=ROOT,
             env=env,
@@ -213,7 +223,7 @@ def gateway() -> Iterator[Setup]:
                 if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
                     break
             time.sleep(0.2)
-        print(f"gateway pid {process.pid} on {url}, schema {schema}")
+        print(f"gateway pid {process.pid} ({GATEWAY_WORKERS} workers) on {url}, schema {schema}")
         yield Setup(schema, prefix, store, url, token, jobs, process)
     finally:
         if process is not None:
