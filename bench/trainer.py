@@ -18,7 +18,7 @@ printed too, as a check that the trainers themselves ran equally fast.
 All runs use the stand-in build `reach`, one tiny PPO configuration and one seed; bare, node and
 pair runs alternate round by round so that each sees the same machine load; medians are used.
 
-Run: .venv/bin/python bench/trainer.py
+Run: .venv/bin/python bench/trainer.py   (BENCH_MAX_STEPS: steps per job, default 12000)
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ from trainer.ports import PortAllocator
 from trainer.runner import PROJECT_ROOT, RUN_ID, JobRun, RunnerConfig
 from trainer.standin import builtin_build
 
-MAX_STEPS = 3000
+# A job of about half a minute here: the runner's fixed cost (about 0.3 s to write the run
+# directory, resolve the build, upload the model with its sha256 and clean up) is then weighed
+# against a run of a realistic share; BENCH_MAX_STEPS changes it.
+MAX_STEPS = int(os.environ.get("BENCH_MAX_STEPS", "12000"))
 SUMMARY_FREQ = 500
 SEED = 1
 ROUNDS = 3
