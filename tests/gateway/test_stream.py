@@ -51,6 +51,14 @@ class Streams:
     def job_key(self, job_id: str) -> str:
         return job_stream(self.prefix, job_id)
 
+    async def submitted(self, client_id: str) -> tuple[str, str]:
+        """A new token of `client_id`, and a job it submitted, projected and published."""
+        token = self.gateway.tokens.create(client_id)
+        with self.gateway.client(token=token) as http:
+            job_id = submit(http)
+        await asyncio.to_thread(self.publish)
+        return token, job_id
+
     def ws_url(self, job_id: str, **query: str) -> str:
         base = self.gateway.url.replace("http://", "ws://", 1)
         params = "&".join(f"{k}={v}" for k, v in query.items())
@@ -294,10 +302,7 @@ async def test_another_clients_job_is_not_found(streams: Streams) -> None:
 
 async def test_without_a_valid_token_the_stream_is_closed(streams: Streams) -> None:
     gateway = streams.gateway
-    token = gateway.tokens.create("client-a")
-    with gateway.client(token=token) as http:
-        job_id = submit(http)
-    await asyncio.to_thread(streams.publish)
+    _token, job_id = await streams.submitted("client-a")
     revoked = gateway.tokens.create("client-a")
     gateway.tokens.revoke(revoked)
     for bad in [revoked, "ty_000000000000.nope", "garbage"]:
@@ -337,11 +342,7 @@ async def test_bad_query_parameters_are_refused_naming_them(streams: Streams) ->
 
 
 async def test_the_first_frame_may_carry_the_token(streams: Streams) -> None:
-    gateway = streams.gateway
-    token = gateway.tokens.create("client-a")
-    with gateway.client(token=token) as http:
-        job_id = submit(http)
-    await asyncio.to_thread(streams.publish)
+    token, job_id = await streams.submitted("client-a")
     async with streams.connect(job_id, None) as ws:
         await ws.send(json.dumps({"type": "auth", "token": token}))
         snapshot = await receive_json(ws)
@@ -370,10 +371,7 @@ async def test_a_bad_frame_closes_the_stream(
     streams: Streams, frame: str | bytes, code: int, reason: str
 ) -> None:
     gateway = streams.gateway
-    token = gateway.tokens.create("client-a")
-    with gateway.client(token=token) as http:
-        job_id = submit(http)
-    await asyncio.to_thread(streams.publish)
+    token, job_id = await streams.submitted("client-a")
     async with streams.connect(job_id, token) as ws:
         assert (await receive_json(ws))["type"] == "snapshot"
         await ws.send(frame)
@@ -409,10 +407,7 @@ def add_big_updates(streams: Streams, job_id: str, first: int, count: int) -> li
 
 async def test_a_slow_client_is_closed_while_the_others_keep_receiving(streams: Streams) -> None:
     gateway = streams.gateway
-    token = gateway.tokens.create("client-a")
-    with gateway.client(token=token) as http:
-        job_id = submit(http)
-    await asyncio.to_thread(streams.publish)
+    token, job_id = await streams.submitted("client-a")
     # A client that reads nothing: its socket takes little before the server must wait.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -445,11 +440,7 @@ async def test_a_stream_written_again_from_a_new_log_closes_open_clients(streams
     # The projections drop streams written from another event store (a local data directory
     # deleted and started afresh) and write the new log's updates from id 1: the shared
     # reader, which read past that, must start over, and open clients must resume.
-    gateway = streams.gateway
-    token = gateway.tokens.create("client-a")
-    with gateway.client(token=token) as http:
-        job_id = submit(http)
-    await asyncio.to_thread(streams.publish)
+    token, job_id = await streams.submitted("client-a")
     async with streams.connect(job_id, token) as ws:
         snapshot = await receive_json(ws)
         tip = int(snapshot["id"].split("-")[0])
