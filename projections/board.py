@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -115,6 +116,72 @@ class JobRow:
     def values(self) -> tuple[Any, ...]:
         """The row's values in `COLUMNS` order."""
         return tuple(getattr(self, c) for c in self.COLUMNS)
+
+    def copy(self) -> JobRow:
+        """A copy to apply a batch to (events replace field values, never mutate them)."""
+        row = object.__new__(JobRow)
+        row.__dict__.update(self.__dict__)
+        return row
+
+
+class RowCache:
+    """The rows the live runner committed last, so a batch of known jobs reads nothing first.
+
+    Only the job board's runner writes its tables (it holds the projection's lock, and a
+    rebuild takes the same lock), so the rows it committed are the rows in the table. A
+    batch is applied to copies; `store` takes the batch's rows once its transaction has
+    committed, so a failed batch leaves the cache as the table is. Least recently used
+    rows go first once `maxsize` is reached.
+    """
+
+    def __init__(self, maxsize: int = 10_000) -> None:
+        assert maxsize >= 1
+        self.maxsize = maxsize
+        self._rows: OrderedDict[UUID, JobRow] = OrderedDict()
+        self._by_metrics_id: dict[UUID, UUID] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def lookup(
+        self, job_ids: set[UUID], metrics_ids: set[UUID]
+    ) -> tuple[dict[UUID, JobRow], set[UUID], set[UUID]]:
+        """Copies of the cached rows among these ids, and the job and metrics ids not cached."""
+        rows: dict[UUID, JobRow] = {}
+        missing_jobs: set[UUID] = set()
+        missing_metrics: set[UUID] = set()
+        cached = self._rows
+        for job_id in job_ids:
+            row = cached.get(job_id)
+            if row is None:
+                missing_jobs.add(job_id)
+            else:
+                rows[job_id] = row.copy()
+        for metrics_id in metrics_ids:
+            owner = self._by_metrics_id.get(metrics_id)
+            if owner is None:
+                missing_metrics.add(metrics_id)
+            elif owner not in rows:
+                rows[owner] = cached[owner].copy()
+        return rows, missing_jobs, missing_metrics
+
+    def store(self, rows: Iterable[JobRow]) -> None:
+        """Keep the rows of a committed batch."""
+        cached = self._rows
+        for row in rows:
+            cached[row.job_id] = row
+            cached.move_to_end(row.job_id)
+            if row.metrics_id is not None:
+                self._by_metrics_id[row.metrics_id] = row.job_id
+        while len(cached) > self.maxsize:
+            _, evicted = cached.popitem(last=False)
+            if evicted.metrics_id is not None:
+                self._by_metrics_id.pop(evicted.metrics_id, None)
+
+    def clear(self) -> None:
+        """Forget every row (the table was dropped or rebuilt)."""
+        self._rows.clear()
+        self._by_metrics_id.clear()
 
 
 MetricRow = tuple[UUID, int, int, int, dict[str, Any], int]

@@ -8,7 +8,7 @@ from typing import Any
 from eventsourcing.persistence import Tracking
 from eventsourcing.projection import Projection
 
-from projections.board import Positioned, Update
+from projections.board import Positioned, RowCache, Update
 from projections.postgres import PostgresJobBoardView
 from projections.sqlite import SQLiteJobBoardView
 from projections.view import PROJECTION_NAME
@@ -33,8 +33,16 @@ class JobBoardProjection(Projection[JobBoardView]):
         *,
         with_updates: bool = False,
         published_upto: int | None = None,
+        cache: RowCache | None = None,
     ) -> list[Update]:
-        """Apply a batch and record `tracking` (its last position) in one transaction."""
+        """Apply a batch and record `tracking` (its last position) in one transaction.
+
+        `cache` holds rows committed earlier by this runner; only the others are read.
+        """
         return self.view.project(
-            events, tracking, with_updates=with_updates, published_upto=published_upto
+            events,
+            tracking,
+            with_updates=with_updates,
+            published_upto=published_upto,
+            cache=cache,
         )

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from typing import Any
+from uuid import UUID
 
 from eventsourcing.persistence import Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
-from psycopg import Cursor
+from psycopg import Connection, Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Composed, Identifier
 from psycopg.types.json import Jsonb
@@ -18,6 +19,7 @@ from projections.board import (
     BoardBatch,
     JobRow,
     Positioned,
+    RowCache,
     Update,
     ids_to_load,
     stats_json,
@@ -61,6 +63,19 @@ _DDL = (
     "CREATE TABLE IF NOT EXISTS {schema}.{outbox} ("
     " position bigint PRIMARY KEY,"
     " fields jsonb NOT NULL)",
+    # The library's tracking insert, as a function that fails when the position is not past
+    # the recorded one (another runner recorded it): a pipelined transaction then rolls back
+    # without a round trip of its own to check a RETURNING row.
+    "CREATE OR REPLACE FUNCTION {schema}.{track}(app text, pos bigint) RETURNS void "
+    "LANGUAGE plpgsql AS $$ BEGIN"
+    " INSERT INTO {schema}.{tracking} AS t (application_name, notification_id) VALUES (app, pos)"
+    " ON CONFLICT (application_name) DO UPDATE SET notification_id = EXCLUDED.notification_id"
+    " WHERE t.notification_id < EXCLUDED.notification_id;"
+    " IF NOT FOUND THEN"
+    "  RAISE EXCEPTION 'position % of % is already recorded', pos, app"
+    "  USING ERRCODE = 'unique_violation';"
+    " END IF;"
+    " END $$",
 )
 
 _JOB_COLUMNS = SQL(", ").join(Identifier(c) for c in JobRow.COLUMNS)
@@ -78,6 +93,8 @@ class PostgresJobBoardView(PostgresTrackingRecorder):
             "metrics": Identifier(METRICS_TABLE),
             "outbox": Identifier(OUTBOX_TABLE),
             "jobs_client_index": Identifier(f"{JOBS_TABLE}_client_idx"),
+            "tracking": Identifier(self.tracking_table_name),
+            "track": Identifier(f"{self.tracking_table_name}_record"),
         }
         self._names = names
         self.sql_create_statements.extend(SQL(s).format(**names) for s in _DDL)
@@ -96,10 +113,19 @@ class PostgresJobBoardView(PostgresTrackingRecorder):
             params=SQL(", ").join(SQL("%s") for _ in JobRow.COLUMNS),
             updates=updates,
         )
+        self._insert_metrics = self._sql(
+            "INSERT INTO {schema}.{metrics} ({cols}) SELECT * FROM unnest("
+            "%s::uuid[], %s::integer[], %s::integer[], %s::bigint[], %s::json[], %s::bigint[])",
+            cols=_METRIC_COLUMNS,
+        )
+        self._insert_outbox = self._sql(
+            "INSERT INTO {schema}.{outbox} (position, fields) "
+            "SELECT * FROM unnest(%s::bigint[], %s::jsonb[])"
+        )
         self._copy_metrics = self._sql(
             "COPY {schema}.{metrics} ({cols}) FROM STDIN", cols=_METRIC_COLUMNS
         )
-        self._copy_outbox = self._sql("COPY {schema}.{outbox} (position, fields) FROM STDIN")
+        self._track = self._sql("SELECT {schema}.{track}(%s, %s)")
         self._delete_outbox = self._sql("DELETE FROM {schema}.{outbox} WHERE position <= %s")
 
     def _sql(self, template: str, **extra: Any) -> Composed:
@@ -112,62 +138,135 @@ class PostgresJobBoardView(PostgresTrackingRecorder):
         *,
         with_updates: bool,
         published_upto: int | None = None,
+        cache: RowCache | None = None,
     ) -> list[Update]:
-        """Apply a batch and record `tracking` in one transaction; return its updates."""
-        with self.datastore.transaction(commit=True) as curs:
-            if not with_updates:
-                # A replay publishes nothing, and a commit lost in a crash loses its tracking
-                # record with it (the batch is simply applied again): no need to wait for
-                # the WAL flush. Live batches keep it, as their updates go out after commit.
-                curs.execute("SET LOCAL synchronous_commit TO OFF")
-            batch = BoardBatch(self._load(curs, events), with_updates=with_updates)
-            batch.apply_all(events)
-            self._write(curs, batch)
-            if published_upto is not None:
-                curs.execute(self._delete_outbox, (published_upto,))
-            self._insert_tracking(curs, tracking)
+        """Apply a batch and record `tracking` in one transaction; return its updates.
+
+        Rows in `cache` are not read again; the batch's rows go into it after the commit.
+        """
+        job_ids, metrics_ids = ids_to_load(events)
+        rows: dict[UUID, JobRow] = {}
+        if cache is not None:
+            rows, job_ids, metrics_ids = cache.lookup(job_ids, metrics_ids)
+        with self.datastore.get_connection() as conn:
+            if with_updates:
+                batch = self._apply_live(
+                    conn, events, tracking, rows, job_ids, metrics_ids, published_upto
+                )
+            else:
+                batch = self._apply_replay(conn, events, tracking, rows, job_ids, metrics_ids)
+        if cache is not None:
+            cache.store(batch.rows.values())
         return batch.updates
 
-    def _load(self, curs: Cursor[DictRow], events: Sequence[Positioned]) -> dict[Any, JobRow]:
-        job_ids, metrics_ids = ids_to_load(events)
-        if not job_ids and not metrics_ids:
-            return {}
+    def _apply_live(
+        self,
+        conn: Connection[DictRow],
+        events: Sequence[Positioned],
+        tracking: Tracking,
+        rows: dict[UUID, JobRow],
+        job_ids: set[UUID],
+        metrics_ids: set[UUID],
+        published_upto: int | None = None,
+    ) -> BoardBatch:
+        """The live path, in one pipeline: a batch of cached jobs costs one round trip.
+
+        Rows the cache lacks are read first (a round trip, only then); the writes, the outbox,
+        the outbox rows already published and the tracking record go with the COMMIT.
+        """
+        with conn.pipeline(), conn.transaction():
+            curs = conn.cursor()
+            if job_ids or metrics_ids:
+                rows.update(self._load(curs, job_ids, metrics_ids))
+            batch = BoardBatch(rows, with_updates=True)
+            batch.apply_all(events)
+            self._upsert_rows(curs, batch)
+            if batch.metrics:
+                # One array per column (COPY is not available in a pipeline).
+                job_col, attempts, seqs, steps, stats, positions = zip(*batch.metrics, strict=True)
+                curs.execute(
+                    self._insert_metrics,
+                    (
+                        list(job_col),
+                        list(attempts),
+                        list(seqs),
+                        list(steps),
+                        [stats_json(s) for s in stats],
+                        list(positions),
+                    ),
+                )
+            if batch.updates:
+                curs.execute(
+                    self._insert_outbox,
+                    (
+                        [int(u["position"]) for u in batch.updates],
+                        [json.dumps(u) for u in batch.updates],
+                    ),
+                )
+            if published_upto is not None:
+                curs.execute(self._delete_outbox, (published_upto,))
+            curs.execute(self._track, (tracking.application_name, tracking.notification_id))
+        return batch
+
+    def _apply_replay(
+        self,
+        conn: Connection[DictRow],
+        events: Sequence[Positioned],
+        tracking: Tracking,
+        rows: dict[UUID, JobRow],
+        job_ids: set[UUID],
+        metrics_ids: set[UUID],
+    ) -> BoardBatch:
+        """A replay's large batches: metric rows by COPY, nothing published."""
+        with conn.transaction(), conn.cursor() as curs:
+            # A commit lost in a crash loses its tracking record with it (the batch is simply
+            # applied again): no need to wait for the WAL flush. Live batches wait, as their
+            # updates go out after the commit.
+            curs.execute("SET LOCAL synchronous_commit TO OFF")
+            if job_ids or metrics_ids:
+                rows.update(self._load(curs, job_ids, metrics_ids))
+            batch = BoardBatch(rows, with_updates=False)
+            batch.apply_all(events)
+            self._upsert_rows(curs, batch)
+            if batch.metrics:
+                # COPY text built here: several times cheaper than psycopg's per-row adaptation
+                # or arrays of JSON text, and only the JSON can hold a backslash (escaped, as
+                # COPY text requires). A batch's metric rows share their row's job_id object:
+                # key the text by identity (UUID hashes in Python; id() does not).
+                ids = {id(row.job_id): str(row.job_id) for row in batch.rows.values()}
+                lines = [
+                    f"{ids[id(job_id)]}\t{attempt}\t{seq}\t"
+                    f"{step}\t{stats_json(stats).replace(BACKSLASH, BACKSLASH * 2)}\t{position}\n"
+                    for job_id, attempt, seq, step, stats, position in batch.metrics
+                ]
+                with curs.copy(self._copy_metrics) as copy:
+                    copy.write("".join(lines))
+            curs.execute(self._track, (tracking.application_name, tracking.notification_id))
+        return batch
+
+    def _load(
+        self, curs: Cursor[DictRow], job_ids: set[UUID], metrics_ids: set[UUID]
+    ) -> dict[UUID, JobRow]:
         curs.execute(self._select_rows, (list(job_ids), list(metrics_ids)))
         return {row["job_id"]: JobRow(**row) for row in curs.fetchall()}
 
-    def _write(self, curs: Cursor[DictRow], batch: BoardBatch) -> None:
-        if batch.rows:  # every row loaded or created was touched by an event of the batch
-            rows = [row.values() for _, row in sorted(batch.rows.items())]
-            stats_at = JobRow.COLUMNS.index("latest_stats")
-            curs.executemany(
-                self._upsert_row,
-                [
-                    (
-                        *r[:stats_at],
-                        None if r[stats_at] is None else Jsonb(r[stats_at], dumps=stats_json),
-                        *r[stats_at + 1 :],
-                    )
-                    for r in rows
-                ],
-            )
-        if batch.metrics:
-            # COPY text built here: several times cheaper than psycopg's per-row adaptation,
-            # and only the JSON can hold a backslash (escaped, as COPY text requires).
-            dumps = stats_json
-            # A batch's metric rows share their row's job_id object: key the text by identity
-            # (UUID hashes in Python; id() does not).
-            ids = {id(row.job_id): str(row.job_id) for row in batch.rows.values()}
-            lines = [
-                f"{ids[id(job_id)]}\t{attempt}\t{seq}\t"
-                f"{step}\t{dumps(stats).replace(BACKSLASH, BACKSLASH * 2)}\t{position}\n"
-                for job_id, attempt, seq, step, stats, position in batch.metrics
-            ]
-            with curs.copy(self._copy_metrics) as copy:
-                copy.write("".join(lines))
-        if batch.updates:
-            with curs.copy(self._copy_outbox) as copy:
-                for u in batch.updates:
-                    copy.write_row((int(u["position"]), json.dumps(u)))
+    def _upsert_rows(self, curs: Cursor[DictRow], batch: BoardBatch) -> None:
+        if not batch.rows:
+            return
+        # Every row loaded or created was touched by an event of the batch.
+        rows = [row.values() for _, row in sorted(batch.rows.items())]
+        stats_at = JobRow.COLUMNS.index("latest_stats")
+        curs.executemany(
+            self._upsert_row,
+            [
+                (
+                    *r[:stats_at],
+                    None if r[stats_at] is None else Jsonb(r[stats_at], dumps=stats_json),
+                    *r[stats_at + 1 :],
+                )
+                for r in rows
+            ],
+        )
 
     def pending_updates(self) -> list[Update]:
         """Updates committed but maybe not yet published, in log order."""

@@ -18,7 +18,7 @@ from typing import Any
 from eventsourcing.application import Application
 from eventsourcing.persistence import Tracking
 
-from projections.board import Positioned
+from projections.board import Positioned, RowCache
 from projections.jobboard import JobBoardProjection, JobBoardView
 from projections.leader import Leader
 from projections.publisher import StreamPublisher
@@ -57,6 +57,8 @@ class BatchRunner:
         self.projection = JobBoardProjection(view)
         self.publisher = publisher
         self.batch_size = batch_size
+        # The rows this runner committed: a batch reads only rows it has not seen yet.
+        self.cache = RowCache()
         self.name = app.name
         self.position: int | None = view.max_tracking_id(app.name)
         self.progress = Progress(position=self.position)
@@ -77,6 +79,7 @@ class BatchRunner:
                 Tracking(self.name, last),
                 with_updates=self.publisher is not None,
                 published_upto=self.publisher.published_upto if self.publisher else None,
+                cache=self.cache,
             )
         except Exception as error:
             raise ProjectionStoppedError(

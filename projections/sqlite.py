@@ -19,6 +19,7 @@ from projections.board import (
     BoardBatch,
     JobRow,
     Positioned,
+    RowCache,
     Update,
     ids_to_load,
     stats_json,
@@ -123,24 +124,35 @@ class SQLiteJobBoardView(SQLiteTrackingRecorder):
         *,
         with_updates: bool,
         published_upto: int | None = None,
+        cache: RowCache | None = None,
     ) -> list[Update]:
-        """Apply a batch and record `tracking` in one transaction; return its updates."""
+        """Apply a batch and record `tracking` in one transaction; return its updates.
+
+        Rows in `cache` are not read again; the batch's rows go into it after the commit.
+        """
+        job_ids, metrics_ids = ids_to_load(events)
+        rows: dict[UUID, JobRow] = {}
+        if cache is not None:
+            rows, job_ids, metrics_ids = cache.lookup(job_ids, metrics_ids)
         with self.datastore.transaction(commit=True) as c:
             # Take the write lock before reading: a read transaction that later writes fails at
             # once ("database is locked", no busy wait) if another process wrote in between.
             c.execute(f"DELETE FROM {OUTBOX_TABLE} WHERE 0")
-            batch = BoardBatch(self._load(c, events), with_updates=with_updates)
+            if job_ids or metrics_ids:
+                rows.update(self._load(c, job_ids, metrics_ids))
+            batch = BoardBatch(rows, with_updates=with_updates)
             batch.apply_all(events)
             self._write(c, batch)
             if published_upto is not None:
                 c.execute(f"DELETE FROM {OUTBOX_TABLE} WHERE position <= ?", (published_upto,))
             self._insert_tracking(c, tracking)
+        if cache is not None:
+            cache.store(batch.rows.values())
         return batch.updates
 
-    def _load(self, c: SQLiteCursor, events: Sequence[Positioned]) -> dict[UUID, JobRow]:
-        job_ids, metrics_ids = ids_to_load(events)
-        if not job_ids and not metrics_ids:
-            return {}
+    def _load(
+        self, c: SQLiteCursor, job_ids: set[UUID], metrics_ids: set[UUID]
+    ) -> dict[UUID, JobRow]:
         c.execute(
             f"SELECT {_JOB_COLUMNS} FROM {JOBS_TABLE} "
             "WHERE job_id IN (SELECT value FROM json_each(?)) "

@@ -156,6 +156,29 @@ def test_updates_committed_before_a_crash_are_published_once_after_it(
     assert len(all_entries(redis_client, prefix)) == len(types)
 
 
+def test_the_outbox_keeps_only_updates_not_yet_published(
+    jobs_app: JobsApplication,
+    view: JobBoardView,
+    publisher: StreamPublisher,
+    redis_client: redis.Redis,
+    prefix: str,
+) -> None:
+    job_id = jobs_app.submit(spec(), client_id="client-a")  # 3 events, 2 updates
+    jobs_app.claim(job_id, 1, "node-1")
+    jobs_app.report_started(job_id, 1, 1, {})
+    for seq in range(2, 9):
+        jobs_app.report_progress(job_id, 1, seq, seq * 10, STATS)
+    follow = runner(jobs_app, view, publisher, batch_size=3)
+    follow.catch_up()
+    published = all_entries(redis_client, prefix)
+    assert len(published) == 11
+    # Each batch's transaction drops what the batches before it published: the last batch's
+    # updates are all that is left (published too; a restart would find them there).
+    pending = view.pending_updates()
+    assert 0 < len(pending) <= 3
+    assert pending == [fields for _, fields in published[-len(pending) :]]
+
+
 def test_rebuild_equals_the_live_board(jobs_app: JobsApplication, view: JobBoardView) -> None:
     follow = runner(jobs_app, view, None, batch_size=3)
     jobs = [jobs_app.submit(spec(), client_id=f"client-{n}") for n in range(3)]
