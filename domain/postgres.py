@@ -1,21 +1,33 @@
-"""A PostgreSQL application recorder that inserts a batch of events as four plain arrays.
+"""A PostgreSQL application recorder that saves a batch of events in one round trip.
 
 The library's recorder sends a batch as one array of a composite type, which psycopg
 escapes field by field in Python: for a batch of progress reports that costs more than
 the insert itself. Four arrays (ids, versions, topics, states) carry the same rows and
-dump several times faster. Everything else — the table lock that keeps notification
-ids in commit order, NOTIFY, returning the ids — is the library's own. Selected by
-topic in `StoreSettings.eventsourcing_env()`; nothing in the domain imports it.
+dump several times faster.
+
+The library's save also waits for the server five times: it syncs its pipeline after
+the INSERT, and psycopg's transaction block syncs again when it starts and ends. Here
+the whole transaction goes in one pipeline with one sync (`pipelined_transaction`). The
+statements are the library's own — the table lock that keeps notification ids in commit
+order, NOTIFY, returning the ids — and a unique violation (another writer saved the same
+aggregate version first) still surfaces as the library's `IntegrityError`.
+
+Selected by topic in `StoreSettings.eventsourcing_env()`; nothing in the domain imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
 
-from eventsourcing.persistence import StoredEvent
+import psycopg
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
-from psycopg import Cursor
+from eventsourcing.utils import retry
+from psycopg import Connection, Cursor
+from psycopg.errors import PipelineAborted
+from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
@@ -51,3 +63,75 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
                 [e.state for e in stored_events],
             ),
         )
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        """Insert the events in one transaction; their notification ids."""
+        if self.datastore.enable_db_functions:
+            return cast("Sequence[int] | None", super().insert_events(stored_events, **kwargs))
+        if not stored_events:
+            return None
+        return cast("Sequence[int]", self._insert_in_one_round_trip(stored_events, **kwargs))
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def _insert_in_one_round_trip(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        """BEGIN, the lock, NOTIFY, the INSERT and COMMIT in one round trip.
+
+        A failure is raised inside `get_connection`, which translates it: a unique violation
+        (another writer saved the same aggregate version first) becomes `IntegrityError`.
+        """
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            with pipelined_transaction(conn):
+                self._insert_events(curs, stored_events, **kwargs)
+                self._insert_stored_events(curs, stored_events, **kwargs)
+            return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+
+
+@contextmanager
+def pipelined_transaction(conn: Connection[Any]) -> Iterator[None]:
+    """A transaction whose statements, BEGIN and COMMIT included, go in one pipeline.
+
+    The statements executed in the block are sent with one sync at its end: one round trip,
+    unless the block itself fetches a result (which syncs there). psycopg's own
+    `Connection.transaction()` in pipeline mode syncs when it starts and again when it ends.
+    If a statement fails, the server skips the rest up to the sync (COMMIT too, so nothing
+    is committed) and psycopg raises the failure there; the transaction, left aborted, is
+    rolled back and the failure re-raised. An exception from the block rolls back too.
+    """
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            yield
+            conn.execute("COMMIT")
+    except psycopg.Error as error:
+        _roll_back(conn)
+        raise _first_failure(error) from None
+    except BaseException:
+        _roll_back(conn)
+        raise
+
+
+def _first_failure(error: psycopg.Error) -> psycopg.Error:
+    """The statement failure behind `error`, not the skipping of the statements after it.
+
+    When psycopg meets the failure before the end of the pipeline's results, it goes on
+    collecting the rest, and the skipped COMMIT's `PipelineAborted` is raised with the
+    failure as its context.
+    """
+    cause: BaseException | None = error
+    while isinstance(cause, PipelineAborted):
+        cause = cause.__context__
+    return cause if isinstance(cause, psycopg.Error) else error
+
+
+def _roll_back(conn: Connection[Any]) -> None:
+    """End the failed transaction, or close the connection so the pool replaces it."""
+    if conn.closed or conn.info.transaction_status is TransactionStatus.IDLE:
+        return
+    try:
+        conn.rollback()
+    except psycopg.Error:
+        conn.close()
