@@ -5,13 +5,23 @@ recorded and changes nothing. Concurrent writers to one job are serialised by
 the store's optimistic concurrency: a conflicting save is retried against the
 fresh state, and raised as `ConcurrencyConflictError` if it keeps conflicting,
 so no write is ever lost.
+
+Aggregates are cached. A job is brought up to date from the store on every
+command, since other processes write it (cancel requests, the lease watchdog,
+claims). A metrics stream is written only by progress commands, so a command
+takes its cached state as it is: if another writer got there first, the save
+conflicts on the stream's version, the cached state is dropped, and the retry
+reloads it. A stale cache can only lack reports, never have extra ones, so it
+never refuses a report the store would accept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -94,11 +104,16 @@ class JobsApplication(Application[UUID]):
     # --- plumbing -----------------------------------------------------------
 
     def _retrying(self, job_id: UUID, command: Callable[[], T]) -> T:
-        """Run a load-decide-save command, again on a concurrency conflict."""
+        """Run a load-decide-save command, again on a concurrency conflict.
+
+        A conflict means a cached state is behind the store: the job's cached
+        aggregates are dropped so that the next try loads them afresh.
+        """
         for tries in range(1, self.CONFLICT_RETRIES + 1):
             try:
                 return command()
             except IntegrityError:
+                self._evict(job_id)
                 if tries == self.CONFLICT_RETRIES:
                     break
                 # Back off with jitter so colliding writers spread out instead of colliding again.
@@ -114,8 +129,50 @@ class JobsApplication(Application[UUID]):
         assert isinstance(job, Job)
         return job
 
+    def _evict(self, job_id: UUID) -> None:
+        """Drop the job's cached aggregates (the job and its metrics stream)."""
+        cache = self.repository.cache
+        if cache is not None:
+            for aggregate_id in (job_id, metrics_id_for(job_id)):
+                with contextlib.suppress(KeyError):
+                    cache.get(aggregate_id, evict=True)
+
+    def _metrics_for_command(self, job_id: UUID) -> JobMetrics:
+        """The metrics stream state to decide on: a copy of the cached state, not fast-forwarded.
+
+        Only progress commands write the stream, and each one caches what it saved,
+        so the cached state is current unless another writer (another handlers
+        process) appended meanwhile; then the save conflicts, `_retrying` drops the
+        cached state and the next try loads it from the store. The copy keeps a
+        failed command from changing the cached state.
+        """
+        cache = self.repository.cache
+        if cache is None:
+            return self.get_metrics(job_id)
+        metrics_id = metrics_id_for(job_id)
+        # A query (get_metrics) fast-forwards the cached object in place under this
+        # lock: copying under it too never copies a half-applied state.
+        lock = self.repository._use_fastforward_lock(metrics_id)
+        try:
+            with lock:
+                try:
+                    cached: object = cache.get(metrics_id)
+                except KeyError:
+                    cached = None
+                else:
+                    cached = deepcopy(cached)
+        finally:
+            self.repository._disuse_fastforward_lock(metrics_id)
+        if cached is None:
+            return self.get_metrics(job_id)  # loads, caches and copies
+        assert isinstance(cached, JobMetrics)
+        return cached
+
     def get_metrics(self, job_id: UUID) -> JobMetrics:
-        """The job's metrics stream state (dedup state and counts, not the series)."""
+        """The job's metrics stream state (dedup state and counts, not the series).
+
+        Always read up to date from the store, whoever wrote it.
+        """
         try:
             metrics: object = self.repository.get(metrics_id_for(job_id))
         except AggregateNotFoundError:
@@ -268,7 +325,7 @@ class JobsApplication(Application[UUID]):
 
         def command() -> list[Outcome]:
             job = self.get_job(job_id)
-            metrics = self.get_metrics(job_id)
+            metrics = self._metrics_for_command(job_id)
             before = metrics.version
             outcomes: list[Outcome] = []
             for r in reports:
@@ -293,10 +350,10 @@ class JobsApplication(Application[UUID]):
         return self._retrying(job_id, command)
 
     def _cache(self, aggregate: JobMetrics) -> None:
-        """Keep the just-saved state, so the next command fast-forwards from here.
+        """Keep the just-saved state: the next command on the stream starts from here.
 
         The library does not cache on save when it fast-forwards on get; without
-        this, every command would replay the previous command's events again.
+        this, every command would load the stream again.
         """
         if self.repository.cache is not None:
             self.repository.cache.put(aggregate.id, aggregate)

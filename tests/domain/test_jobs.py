@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -18,6 +18,8 @@ from domain.errors import (
     NotClaimHolderError,
 )
 from domain.job import Job, JobStatus
+from domain.metrics import JobMetrics
+from domain.settings import StoreSettings
 from domain.spec import JobSpec, parse_job_spec
 
 CONFIG = """
@@ -339,3 +341,95 @@ def test_a_start_report_arriving_after_completion_is_kept_for_the_audit(
     assert history(jobs_app, job_id)[-2:] == ["Completed", "Started"]
     # ...but not one sent after the final report
     assert jobs_app.report_started(job_id, 1, 10, info) is Outcome.IGNORED
+
+
+@pytest.fixture
+def replica(store_settings: StoreSettings) -> Iterator[JobsApplication]:
+    """A second JobsApplication on the same store, as another handlers process would be."""
+    app = JobsApplication(store_settings.eventsourcing_env(), max_attempts=3)
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+def recorded_reports(app: JobsApplication, job_id: UUID) -> list[tuple[int, int]]:
+    """(attempt, seq) of every progress report in the store, in order."""
+    metrics_id = app.get_metrics(job_id).id
+    events = app.repository.event_store.get(metrics_id)
+    return [(e.attempt, e.seq) for e in events if isinstance(e, JobMetrics.Reported)]
+
+
+def test_two_replicas_interleaving_reports_record_each_exactly_once(
+    jobs_app: JobsApplication, replica: JobsApplication
+) -> None:
+    job_id = running(jobs_app)
+    for seq in range(2, 42):
+        app = jobs_app if seq % 2 else replica
+        assert app.report_progress(job_id, 1, seq, seq, {}) is Outcome.APPLIED
+        # a redelivery to the other replica changes nothing
+        other = replica if app is jobs_app else jobs_app
+        assert other.report_progress(job_id, 1, seq, seq, {}) is Outcome.DUPLICATE
+    assert recorded_reports(jobs_app, job_id) == [(1, seq) for seq in range(2, 42)]
+    assert jobs_app.get_metrics(job_id).count == replica.get_metrics(job_id).count == 40
+
+
+def test_two_replicas_writing_one_job_at_once_lose_no_report(
+    jobs_app: JobsApplication, replica: JobsApplication
+) -> None:
+    job_id = running(jobs_app)
+    barrier = threading.Barrier(4)
+    outcomes: list[Outcome] = []
+    errors: list[BaseException] = []
+
+    def write(app: JobsApplication, offset: int) -> None:
+        barrier.wait()
+        try:
+            for i in range(20):
+                seq = 2 + offset + 2 * i
+                # each report reaches both replicas, as after a redelivery
+                outcomes.append(app.report_progress(job_id, 1, seq, seq, {}))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [
+        threading.Thread(target=write, args=(app, offset))
+        for app in (jobs_app, replica)
+        for offset in (0, 1)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(recorded_reports(jobs_app, job_id)) == [(1, seq) for seq in range(2, 42)]
+    assert outcomes.count(Outcome.APPLIED) == 40
+    assert outcomes.count(Outcome.DUPLICATE) == 40
+
+
+def test_a_stale_cached_metrics_state_neither_repeats_nor_refuses_a_report(
+    jobs_app: JobsApplication, replica: JobsApplication
+) -> None:
+    job_id = running(jobs_app)
+    # the replica caches the stream, then falls behind
+    assert replica.report_progress(job_id, 1, 2, 20, {}) is Outcome.APPLIED
+    assert jobs_app.report_progress(job_id, 1, 3, 30, {}) is Outcome.APPLIED
+    assert jobs_app.report_progress(job_id, 1, 4, 40, {}) is Outcome.APPLIED
+    # a report the replica has not seen but the store has is not recorded again...
+    assert replica.report_progress(job_id, 1, 3, 30, {}) is Outcome.DUPLICATE
+    # ...and one nobody has seen is recorded
+    batch = [ProgressReport(1, 4, 40, {}), ProgressReport(1, 5, 50, {})]
+    assert jobs_app.report_progress(job_id, 1, 6, 60, {}) is Outcome.APPLIED
+    assert replica.report_progress_batch(job_id, batch) == [Outcome.DUPLICATE, Outcome.APPLIED]
+    assert recorded_reports(jobs_app, job_id) == [(1, 2), (1, 3), (1, 4), (1, 6), (1, 5)]
+
+    # the job moves to attempt 2 elsewhere; the replica's cache still holds attempt 1
+    assert jobs_app.expire_lease(job_id, 1) is Outcome.APPLIED
+    assert jobs_app.claim(job_id, 2, "node-2").granted
+    assert jobs_app.report_progress(job_id, 2, 2, 20, {}) is Outcome.APPLIED
+    # seq 3 of attempt 2 is new, though attempt 1 had a seq 3
+    assert replica.report_progress(job_id, 2, 3, 30, {}) is Outcome.APPLIED
+    assert replica.report_progress(job_id, 2, 2, 20, {}) is Outcome.DUPLICATE
+    assert replica.report_progress(job_id, 1, 7, 70, {}) is Outcome.STALE
+    assert recorded_reports(jobs_app, job_id)[-2:] == [(2, 2), (2, 3)]
+    assert jobs_app.get_metrics(job_id).count == replica.get_metrics(job_id).count == 7
