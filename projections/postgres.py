@@ -14,6 +14,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Composed, Identifier
 from psycopg.types.json import Jsonb
 
+from domain.postgres import pipelined_transaction
 from projections.board import (
     METRIC_COLUMNS,
     BoardBatch,
@@ -174,8 +175,7 @@ class PostgresJobBoardView(PostgresTrackingRecorder):
         Rows the cache lacks are read first (a round trip, only then); the writes, the outbox,
         the outbox rows already published and the tracking record go with the COMMIT.
         """
-        with conn.pipeline(), conn.transaction():
-            curs = conn.cursor()
+        with conn.cursor() as curs, pipelined_transaction(conn):
             if job_ids or metrics_ids:
                 rows.update(self._load(curs, job_ids, metrics_ids))
             batch = BoardBatch(rows, with_updates=True)

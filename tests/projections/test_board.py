@@ -12,9 +12,10 @@ from domain.application import JobsApplication, ProgressReport
 from domain.job import JobStatus
 from projections.__main__ import build_view
 from projections.jobboard import JobBoardView
+from projections.postgres import PostgresJobBoardView
 from projections.publisher import StreamPublisher, global_stream, job_stream
 from projections.runner import rebuild
-from tests.conftest import sqlite_settings
+from tests.conftest import postgres_settings, sqlite_settings
 from tests.projections.conftest import (
     all_entries,
     job_entries,
@@ -23,6 +24,7 @@ from tests.projections.conftest import (
     runner,
     spec,
 )
+from tests.roundtrips import count_round_trips
 
 STATS = {"Environment/Cumulative Reward": 0.5, "Policy/Entropy": 1.25}
 
@@ -177,6 +179,37 @@ def test_the_outbox_keeps_only_updates_not_yet_published(
     pending = view.pending_updates()
     assert 0 < len(pending) <= 3
     assert pending == [fields for _, fields in published[-len(pending) :]]
+
+
+def test_a_live_batch_of_jobs_already_seen_waits_for_postgres_once(
+    pg_schema: str, publisher: StreamPublisher, tmp_path: Path
+) -> None:
+    store = postgres_settings(pg_schema)
+    app = JobsApplication(store.eventsourcing_env())
+    view = build_view(store)
+    assert isinstance(view, PostgresJobBoardView)
+    try:
+        job_id = app.submit(spec(), client_id="client-a")
+        app.claim(job_id, 1, "node-1")
+        follow = runner(app, view, publisher)
+        follow.catch_up()
+        app.report_started(job_id, 1, 1, {})
+        app.report_progress(job_id, 1, 2, 20, STATS)
+        events = follow.read(follow.position)
+        with count_round_trips(view.datastore, tmp_path) as trips:
+            follow.apply(events)
+        assert trips.count == 1  # writes, outbox, tracking and COMMIT together
+
+        app.report_progress(job_id, 1, 3, 30, STATS)
+        fresh = runner(app, view, publisher)  # a new runner has not seen the job's row
+        events = fresh.read(fresh.position)
+        with count_round_trips(view.datastore, tmp_path) as trips:
+            fresh.apply(events)
+        assert trips.count == 2
+        assert job_row(view, job_id)["latest_seq"] == 3
+    finally:
+        view.close()
+        app.close()
 
 
 def test_rebuild_equals_the_live_board(jobs_app: JobsApplication, view: JobBoardView) -> None:
