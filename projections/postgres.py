@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -79,6 +80,15 @@ _DDL = (
     " END $$",
 )
 
+
+@dataclass
+class PreparedReplay:
+    """A replay batch applied in memory, and the call that writes it in one transaction."""
+
+    batch: BoardBatch
+    write: Callable[[], None]
+
+
 _JOB_COLUMNS = SQL(", ").join(Identifier(c) for c in JobRow.COLUMNS)
 _METRIC_COLUMNS = SQL(", ").join(Identifier(c) for c in METRIC_COLUMNS)
 
@@ -149,13 +159,18 @@ class PostgresJobBoardView(PostgresTrackingRecorder):
         rows: dict[UUID, JobRow] = {}
         if cache is not None:
             rows, job_ids, metrics_ids = cache.lookup(job_ids, metrics_ids)
-        with self.datastore.get_connection() as conn:
-            if with_updates:
+        if with_updates:
+            with self.datastore.get_connection() as conn:
                 batch = self._apply_live(
                     conn, events, tracking, rows, job_ids, metrics_ids, published_upto
                 )
-            else:
-                batch = self._apply_replay(conn, events, tracking, rows, job_ids, metrics_ids)
+        else:
+            if job_ids or metrics_ids:
+                with self.datastore.get_connection() as conn, conn.cursor() as curs:
+                    rows.update(self._load(curs, job_ids, metrics_ids))
+            prepared = self._prepare_replay(events, tracking, rows)
+            prepared.write()
+            batch = prepared.batch
         if cache is not None:
             cache.store(batch.rows.values())
         return batch.updates
@@ -208,41 +223,61 @@ class PostgresJobBoardView(PostgresTrackingRecorder):
             curs.execute(self._track, (tracking.application_name, tracking.notification_id))
         return batch
 
-    def _apply_replay(
+    def prepare_replay(
         self,
-        conn: Connection[DictRow],
         events: Sequence[Positioned],
         tracking: Tracking,
-        rows: dict[UUID, JobRow],
-        job_ids: set[UUID],
-        metrics_ids: set[UUID],
-    ) -> BoardBatch:
-        """A replay's large batches: metric rows by COPY, nothing published."""
-        with conn.transaction(), conn.cursor() as curs:
-            # A commit lost in a crash loses its tracking record with it (the batch is simply
-            # applied again): no need to wait for the WAL flush. Live batches wait, as their
-            # updates go out after the commit.
-            curs.execute("SET LOCAL synchronous_commit TO OFF")
-            if job_ids or metrics_ids:
+        cache: RowCache,
+        settle: Callable[[], None],
+    ) -> PreparedReplay:
+        """Apply a replay batch in memory; its `write` records it, in any thread.
+
+        Rows the cache lacks are read after `settle()`, which waits for earlier batches'
+        writes. The cache is not updated: the caller decides when the rows count as written.
+        """
+        job_ids, metrics_ids = ids_to_load(events)
+        rows, job_ids, metrics_ids = cache.lookup(job_ids, metrics_ids)
+        if job_ids or metrics_ids:
+            settle()
+            with self.datastore.get_connection() as conn, conn.cursor() as curs:
                 rows.update(self._load(curs, job_ids, metrics_ids))
-            batch = BoardBatch(rows, with_updates=False)
-            batch.apply_all(events)
-            self._upsert_rows(curs, batch)
-            if batch.metrics:
-                # COPY text built here: several times cheaper than psycopg's per-row adaptation
-                # or arrays of JSON text, and only the JSON can hold a backslash (escaped, as
-                # COPY text requires). A batch's metric rows share their row's job_id object:
-                # key the text by identity (UUID hashes in Python; id() does not).
-                ids = {id(row.job_id): str(row.job_id) for row in batch.rows.values()}
-                lines = [
-                    f"{ids[id(job_id)]}\t{attempt}\t{seq}\t"
-                    f"{step}\t{stats_json(stats).replace(BACKSLASH, BACKSLASH * 2)}\t{position}\n"
-                    for job_id, attempt, seq, step, stats, position in batch.metrics
-                ]
-                with curs.copy(self._copy_metrics) as copy:
-                    copy.write("".join(lines))
-            curs.execute(self._track, (tracking.application_name, tracking.notification_id))
-        return batch
+        return self._prepare_replay(events, tracking, rows)
+
+    def _prepare_replay(
+        self, events: Sequence[Positioned], tracking: Tracking, rows: dict[UUID, JobRow]
+    ) -> PreparedReplay:
+        batch = BoardBatch(rows, with_updates=False)
+        batch.apply_all(events)
+        # COPY text built here: several times cheaper than psycopg's per-row adaptation or
+        # arrays of JSON text, and only the JSON can hold a backslash (escaped, as COPY text
+        # requires). A batch's metric rows share their row's job_id object: key the text by
+        # identity (UUID hashes in Python; id() does not).
+        ids = {id(row.job_id): str(row.job_id) for row in batch.rows.values()}
+        copy_text = "".join(
+            [
+                f"{ids[id(job_id)]}\t{attempt}\t{seq}\t"
+                f"{step}\t{stats_json(stats).replace(BACKSLASH, BACKSLASH * 2)}\t{position}\n"
+                for job_id, attempt, seq, step, stats, position in batch.metrics
+            ]
+        )
+
+        def write() -> None:
+            with (
+                self.datastore.get_connection() as conn,
+                conn.transaction(),
+                conn.cursor() as curs,
+            ):
+                # A commit lost in a crash loses its tracking record with it (the batch is
+                # simply applied again): no need to wait for the WAL flush. Live batches
+                # wait, as their updates go out after the commit.
+                curs.execute("SET LOCAL synchronous_commit TO OFF")
+                self._upsert_rows(curs, batch)
+                if copy_text:
+                    with curs.copy(self._copy_metrics) as copy:
+                        copy.write(copy_text)
+                curs.execute(self._track, (tracking.application_name, tracking.notification_id))
+
+        return PreparedReplay(batch, write)
 
     def _load(
         self, curs: Cursor[DictRow], job_ids: set[UUID], metrics_ids: set[UUID]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import redis
 from eventsourcing.persistence import Tracking
 
@@ -212,7 +213,10 @@ def test_a_live_batch_of_jobs_already_seen_waits_for_postgres_once(
         app.close()
 
 
-def test_rebuild_equals_the_live_board(jobs_app: JobsApplication, view: JobBoardView) -> None:
+@pytest.mark.parametrize("rebuild_batch", [1000, 4])
+def test_rebuild_equals_the_live_board(
+    jobs_app: JobsApplication, view: JobBoardView, rebuild_batch: int
+) -> None:
     follow = runner(jobs_app, view, None, batch_size=3)
     jobs = [jobs_app.submit(spec(), client_id=f"client-{n}") for n in range(3)]
     follow.catch_up()
@@ -233,8 +237,9 @@ def test_rebuild_equals_the_live_board(jobs_app: JobsApplication, view: JobBoard
     assert len(live_jobs) == 3
     assert len(live_metrics) == 21
 
-    progress = rebuild(jobs_app, view, batch_size=1000)
-    assert progress.batches == 1
+    progress = rebuild(jobs_app, view, batch_size=rebuild_batch)
+    assert progress.batches == -(-progress.events // rebuild_batch)
+    assert progress.position == jobs_app.recorder.max_notification_id()
     rebuilt_jobs, rebuilt_metrics = view.dump()
     for live, rebuilt in zip(live_jobs, rebuilt_jobs, strict=True):
         assert live == rebuilt

@@ -92,3 +92,20 @@ def test_the_row_cache_hands_out_copies_and_forgets_the_least_recently_used() ->
         {uuid.UUID(int=1)},
         {uuid.UUID(int=1001)},
     )
+
+
+def test_a_replay_stops_at_the_batch_that_does_not_fit_with_the_batches_before_it_recorded(
+    jobs_app: JobsApplication, view: JobBoardView
+) -> None:
+    first = jobs_app.submit(spec(), client_id="client-a")  # events 1..3
+    second = jobs_app.submit(spec(), client_id="client-a")  # events 4..6
+    jobs_app.claim(first, 1, "node-1")  # 7
+    jobs_app.claim(second, 1, "node-2")  # 8
+    # A board that believes it applied the first submit, but has no row for it.
+    view.insert_tracking(Tracking(jobs_app.name, 3))
+    replaying = runner(jobs_app, view, None, batch_size=3)
+    with pytest.raises(ProjectionStoppedError, match=r"after position 6: events 7\.\.8"):
+        replaying.replay()
+    assert view.max_tracking_id(jobs_app.name) == 6
+    jobs, _ = view.dump()
+    assert [(j["job_id"], j["status"]) for j in jobs] == [(second, "queued")]
