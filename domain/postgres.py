@@ -29,7 +29,7 @@ from psycopg import Connection, Cursor
 from psycopg.errors import PipelineAborted
 from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Composable, Identifier
 
 
 class ArrayInsertRecorder(PostgresApplicationRecorder):
@@ -48,14 +48,21 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
             table=Identifier(self.events_table_name),
             id_type=Identifier(self.datastore.originator_id_type),
         )
+        # The save's statements rendered once (a composed statement is joined and its
+        # identifiers escaped again on every execution).
+        self._insert_arrays = self.insert_events_statement.as_bytes()
+        self._lock_statements = [_rendered(s) for s in self.lock_table_statements]
+        self._notify = SQL("NOTIFY {0}").format(Identifier(self.channel_name)).as_bytes()
 
     def _insert_stored_events(
         self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **_: Any
     ) -> None:
-        self._lock_table(curs)
-        self._notify_channel(curs)
+        # The library's `_lock_table` and `_notify_channel`, with the statements rendered once.
+        for statement in self._lock_statements:
+            curs.execute(statement, prepare=True)
+        curs.execute(self._notify)
         curs.execute(
-            self.insert_events_statement,
+            self._insert_arrays,
             (
                 [e.originator_id for e in stored_events],
                 [e.originator_version for e in stored_events],
@@ -112,6 +119,15 @@ def pipelined_transaction(conn: Connection[Any]) -> Iterator[None]:
     except BaseException:
         _roll_back(conn)
         raise
+
+
+def _rendered(statement: object) -> bytes:
+    if isinstance(statement, Composable):
+        return statement.as_bytes()
+    if isinstance(statement, str):
+        return statement.encode()
+    assert isinstance(statement, bytes), statement
+    return statement
 
 
 def _first_failure(error: psycopg.Error) -> psycopg.Error:

@@ -12,7 +12,7 @@ from eventsourcing.persistence import Tracking
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
 from psycopg import Connection, Cursor
 from psycopg.rows import DictRow
-from psycopg.sql import SQL, Composed, Identifier
+from psycopg.sql import SQL, Identifier
 from psycopg.types.json import Jsonb
 
 from domain.postgres import pipelined_transaction
@@ -139,8 +139,10 @@ class PostgresJobBoardView(PostgresTrackingRecorder):
         self._track = self._sql("SELECT {schema}.{track}(%s, %s)")
         self._delete_outbox = self._sql("DELETE FROM {schema}.{outbox} WHERE position <= %s")
 
-    def _sql(self, template: str, **extra: Any) -> Composed:
-        return SQL(template).format(**self._names, **extra)
+    def _sql(self, template: str, **extra: Any) -> bytes:
+        # Rendered once: a composed statement is joined and its identifiers escaped again on
+        # every execution, a visible share of a live batch's CPU.
+        return SQL(template).format(**self._names, **extra).as_bytes()
 
     def project(
         self,
