@@ -12,18 +12,34 @@ statements are the library's own — the table lock that keeps notification ids 
 order, NOTIFY, returning the ids — and a unique violation (another writer saved the same
 aggregate version first) still surfaces as the library's `IntegrityError`.
 
-Selected by topic in `StoreSettings.eventsourcing_env()`; nothing in the domain imports it.
+`StoreFactory` is the library's PostgreSQL factory with one change: recorders create their
+tables, types and functions one process at a time (every process of an installation does it
+at start). Both are selected by topic in `StoreSettings.eventsourcing_env()`; nothing in the
+domain imports them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
 import psycopg
-from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from eventsourcing.persistence import (
+    AggregateRecorder,
+    ApplicationRecorder,
+    InterfaceError,
+    OperationalError,
+    StoredEvent,
+)
+from eventsourcing.postgres import (
+    PostgresApplicationRecorder,
+    PostgresDatastore,
+    PostgresFactory,
+    TPostgresTrackingRecorder,
+)
 from eventsourcing.utils import retry
 from psycopg import Connection, Cursor
 from psycopg.errors import PipelineAborted
@@ -151,3 +167,53 @@ def _roll_back(conn: Connection[Any]) -> None:
         conn.rollback()
     except psycopg.Error:
         conn.close()
+
+
+def ddl_lock_key(schema: str) -> int:
+    """The advisory lock key under which one schema's tables are created."""
+    digest = hashlib.sha256(f"trainyard:ddl:{schema}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class StoreFactory(PostgresFactory):
+    """The library's PostgreSQL factory; its recorders create their tables one at a time.
+
+    Every process of an installation (gateway workers, handlers, projections) creates the
+    tables it uses when it starts, and they start together. The library's statements are
+    idempotent one at a time but not concurrently: PostgreSQL refuses two concurrent
+    `CREATE OR REPLACE FUNCTION` of one function ("tuple concurrently updated"), and two
+    concurrent first `CREATE TABLE IF NOT EXISTS` of one table with a unique violation. A
+    session advisory lock per schema, held while a recorder creates its tables, serializes them.
+    """
+
+    def application_recorder(self) -> ApplicationRecorder:
+        """The events recorder, its tables created under the schema's DDL lock."""
+        with self._ddl_lock():
+            return super().application_recorder()
+
+    def aggregate_recorder(self, purpose: str = "events") -> AggregateRecorder:
+        """An aggregate recorder (snapshots), its table created under the schema's DDL lock."""
+        with self._ddl_lock():
+            return super().aggregate_recorder(purpose)
+
+    def tracking_recorder(
+        self, tracking_recorder_class: type[TPostgresTrackingRecorder] | None = None
+    ) -> TPostgresTrackingRecorder:
+        """A tracking recorder (or view), its tables created under the schema's DDL lock."""
+        with self._ddl_lock():
+            return super().tracking_recorder(tracking_recorder_class)
+
+    @contextmanager
+    def _ddl_lock(self) -> Iterator[None]:
+        if not self.env_create_table():
+            yield
+            return
+        key = ddl_lock_key(self.datastore.schema)
+        # A connection of its own: creating the tables takes others from the pool meanwhile.
+        with self.datastore.get_connection() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+            try:
+                yield
+            finally:
+                with contextlib.suppress(psycopg.Error):  # a broken session holds no lock
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))

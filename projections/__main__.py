@@ -18,11 +18,11 @@ from types import FrameType
 import psycopg
 import redis
 from eventsourcing.persistence import PersistenceError
-from eventsourcing.postgres import PostgresFactory
 from eventsourcing.sqlite import SQLiteFactory
 from eventsourcing.utils import Environment
 
 from domain.application import JobsApplication
+from domain.postgres import StoreFactory
 from domain.settings import StoreSettings
 from projections.jobboard import JobBoardView
 from projections.leader import FileLeader, Leader, PostgresLeader
@@ -59,7 +59,7 @@ def build_view(store: StoreSettings) -> JobBoardView:
     """The job board view in the event store's own database."""
     env = Environment(PROJECTION_NAME, {**store.eventsourcing_env(), "POSTGRES_POOL_SIZE": "2"})
     if store.event_store == "postgres":
-        return PostgresFactory(env).tracking_recorder(PostgresJobBoardView)
+        return StoreFactory(env).tracking_recorder(PostgresJobBoardView)
     # SQLiteFactory.tracking_recorder() is not generic in the view class: build it directly.
     view = SQLiteJobBoardView(SQLiteFactory(env).datastore)
     view.create_table()

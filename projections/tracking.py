@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from eventsourcing.persistence import TrackingRecorder
-from eventsourcing.postgres import PostgresFactory
 from eventsourcing.sqlite import SQLiteDatastore, SQLiteFactory, SQLiteTrackingRecorder
 from eventsourcing.utils import Environment
 
+from domain.postgres import StoreFactory
 from domain.settings import StoreSettings
 
 
@@ -50,7 +50,7 @@ def build_tracking(store: StoreSettings, name: str) -> TrackingRecorder:
     """A tracking recorder in the event store's database, in table `{name.lower()}_tracking`."""
     env = Environment(name, {**store.eventsourcing_env(), "POSTGRES_POOL_SIZE": "1"})
     if store.event_store == "postgres":
-        return PostgresFactory(env).tracking_recorder()
+        return StoreFactory(env).tracking_recorder()
     recorder = SQLiteOwnTracking(SQLiteFactory(env).datastore, table=f"{name.lower()}_tracking")
     recorder.create_table()
     return recorder

@@ -23,7 +23,7 @@ def test_postgres_is_chosen_by_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("TRAINYARD_EVENT_STORE", "postgres")
     monkeypatch.setenv("TRAINYARD_POSTGRES_SCHEMA", "trainyard")
     env = StoreSettings().eventsourcing_env()
-    assert env["PERSISTENCE_MODULE"] == "eventsourcing.postgres"
+    assert env["PERSISTENCE_MODULE"] == "domain.postgres:StoreFactory"
     assert env["POSTGRES_SCHEMA"] == "trainyard"
 
 
