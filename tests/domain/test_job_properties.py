@@ -63,7 +63,9 @@ def assert_legal(job: Job) -> None:
     if job.status in ACTIVE_STATUSES:
         assert job.node_id in NODES
     if job.cancel_requested:
-        assert job.status in ACTIVE_STATUSES or job.status is JobStatus.CANCELLED
+        # A run that completed before the cancel reached its node keeps its model; any other
+        # end of a run asked to stop is a cancellation.
+        assert job.status in ACTIVE_STATUSES | {JobStatus.CANCELLED, JobStatus.COMPLETED}
     if job.status is JobStatus.COMPLETED:
         assert job.model_key == "model.onnx"
     if job.status is JobStatus.FAILED:
