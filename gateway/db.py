@@ -19,6 +19,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from domain.postgres import ddl_lock_key
 from domain.settings import StoreSettings
 
 Row = dict[str, Any]
@@ -40,6 +41,10 @@ class Database(abc.ABC):
     @abc.abstractmethod
     def execute(self, statement: str, params: Sequence[Any] = ()) -> int:
         """Run one statement and commit; the number of rows it changed."""
+
+    def create(self, statement: str) -> None:
+        """Run a `CREATE ... IF NOT EXISTS`, safe while other processes run it too."""
+        self.execute(statement)
 
     @abc.abstractmethod
     def open(self) -> None:
@@ -90,6 +95,16 @@ class PostgresDatabase(Database):
         with self.pool.connection() as conn, conn.cursor() as cur:
             cur.execute(self._sql(statement), params)
             return cur.rowcount
+
+    def create(self, statement: str) -> None:
+        """Run a `CREATE ... IF NOT EXISTS` under the schema's DDL lock (see StoreFactory).
+
+        Two concurrent first `CREATE TABLE IF NOT EXISTS` of one table fail one of them
+        (gateway workers start together).
+        """
+        with self.pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (ddl_lock_key(self.schema),))
+            cur.execute(self._sql(statement))
 
     def open(self) -> None:
         """Open the pool and wait for its first connection (fails fast on a bad address)."""

@@ -77,7 +77,7 @@ class TokenStore:
 
     def create_table(self) -> None:
         """Create the table if it is not there yet."""
-        self.db.execute(_DDL)
+        self.db.create(_DDL)
 
     def create(self, client_id: str) -> str:
         """A new token for `client_id`; the only time the token is ever available."""
