@@ -9,16 +9,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from faststream import AckPolicy, FastStream
 from faststream.rabbit import (
     Channel,
-    ExchangeType,
-    QueueType,
     RabbitBroker,
-    RabbitExchange,
-    RabbitQueue,
 )
 from faststream.rabbit.annotations import RabbitMessage
 from faststream.specification import AsyncAPI
@@ -35,29 +31,20 @@ from domain.contracts import (
     Topology,
 )
 from domain.errors import JobNotFoundError
+from domain.rabbit import control_exchange, dead_letter_exchange, dead_letter_queue, work_queue
 from domain.settings import StoreSettings
 from handlers.batcher import ReportBatcher
-from handlers.deadletter import DeadLetterPolicy, dead_letter_exchange
+from handlers.deadletter import DeadLetterPolicy
 from handlers.presence import Presence
 from handlers.settings import HandlerSettings
 
 if TYPE_CHECKING:
-    from faststream.rabbit.schemas.queue import QuorumQueueArgs
+    pass
 
 logger = logging.getLogger(__name__)
 
 # The AsyncAPI document names this server rather than the configured URL (which holds a password).
 SPEC_SERVER = "amqp://rabbitmq:5672/"
-
-
-def work_queue(topology: Topology, name: str) -> RabbitQueue:
-    """A shared work queue, declared exactly as every other process declares it."""
-    return RabbitQueue(
-        name,
-        queue_type=QueueType.QUORUM,
-        durable=True,
-        arguments=cast("QuorumQueueArgs", topology.work_queue_arguments()),
-    )
 
 
 class Runtime:
@@ -108,18 +95,11 @@ class Runtime:
 async def declare_topology(broker: RabbitBroker, topology: Topology) -> None:
     """Declare what must exist before the first message fails or is published."""
     dlx = await broker.declare_exchange(dead_letter_exchange(topology))
-    dlq = await broker.declare_queue(
-        RabbitQueue(topology.dead_letter_queue, queue_type=QueueType.QUORUM, durable=True)
-    )
+    dlq = await broker.declare_queue(dead_letter_queue(topology))
     await dlq.bind(dlx)
     # Dispatches published before any train node starts must not be dropped.
     await broker.declare_queue(work_queue(topology, topology.dispatch))
     await broker.declare_exchange(control_exchange(topology))
-
-
-def control_exchange(topology: Topology) -> RabbitExchange:
-    """The direct exchange of control messages, routed by node id."""
-    return RabbitExchange(topology.control_exchange, type=ExchangeType.DIRECT, durable=True)
 
 
 def create_app(

@@ -26,11 +26,12 @@ from aio_pika import IncomingMessage
 from eventsourcing import persistence
 from faststream import BaseMiddleware, ContextRepo
 from faststream.exceptions import HandlerException, NackMessage
-from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange
+from faststream.rabbit import RabbitBroker
 from pydantic import ValidationError
 
 from domain.contracts import DELIVERY_LIMIT, REASON_HEADER, SOURCE_QUEUE_HEADER, Topology
 from domain.errors import ConcurrencyConflictError, TrainyardError
+from domain.rabbit import dead_letter_exchange
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
     TimeoutError,
 )
 MAX_REASON: Final = 4000
-
-
-def dead_letter_exchange(topology: Topology) -> RabbitExchange:
-    """The fanout exchange every work queue dead-letters into."""
-    return RabbitExchange(topology.dead_letter_exchange, type=ExchangeType.FANOUT, durable=True)
 
 
 def reason_for(error: BaseException) -> str:

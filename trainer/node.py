@@ -17,13 +17,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError
 from faststream import AckPolicy, FastStream
-from faststream.rabbit import ExchangeType, QueueType, RabbitBroker, RabbitExchange, RabbitQueue
+from faststream.rabbit import RabbitBroker, RabbitQueue
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
@@ -42,6 +42,7 @@ from domain.contracts import (
     Report,
     Topology,
 )
+from domain.rabbit import control_exchange, dead_letter_exchange, dead_letter_queue, work_queue
 from trainer import procs
 from trainer.archive import ArchiveLimits, ArchiveSettings
 from trainer.modelstore import ModelStore, ModelStoreSettings, create_model_store
@@ -51,31 +52,11 @@ from trainer.settings import NodeSettings
 from trainer.state import NodeState, RunRecord
 
 if TYPE_CHECKING:
-    from faststream.rabbit.schemas.queue import QuorumQueueArgs
+    pass
 
 logger = logging.getLogger(__name__)
 
 RunKey = tuple[UUID, int]
-
-
-def work_queue(topology: Topology, name: str) -> RabbitQueue:
-    """A shared work queue, declared exactly as the central node declares it."""
-    return RabbitQueue(
-        name,
-        queue_type=QueueType.QUORUM,
-        durable=True,
-        arguments=cast("QuorumQueueArgs", topology.work_queue_arguments()),
-    )
-
-
-def control_exchange(topology: Topology) -> RabbitExchange:
-    """The direct exchange of control messages, routed by node id."""
-    return RabbitExchange(topology.control_exchange, type=ExchangeType.DIRECT, durable=True)
-
-
-def dead_letter_exchange(topology: Topology) -> RabbitExchange:
-    """The fanout exchange every work queue dead-letters into."""
-    return RabbitExchange(topology.dead_letter_exchange, type=ExchangeType.FANOUT, durable=True)
 
 
 def control_queue(topology: Topology, node_id: str) -> RabbitQueue:
@@ -175,9 +156,7 @@ class TrainNode:
 
     async def _declare(self) -> None:
         dlx = await self.broker.declare_exchange(dead_letter_exchange(self.topology))
-        dlq = await self.broker.declare_queue(
-            RabbitQueue(self.topology.dead_letter_queue, queue_type=QueueType.QUORUM, durable=True)
-        )
+        dlq = await self.broker.declare_queue(dead_letter_queue(self.topology))
         await dlq.bind(dlx)
         for name in self.topology.work_queues:
             await self.broker.declare_queue(work_queue(self.topology, name))
