@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 
 from domain.contracts import Heartbeat
 from domain.job import Job
+from domain.keys import node_keys
 from gateway.auth import client_id
 from gateway.db import MissingTableError
 from gateway.services import Services, services
@@ -62,7 +63,7 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 async def read_nodes(redis: aioredis.Redis, key_prefix: str) -> list[LiveNode]:
     """Every node with a live presence key, by node id; malformed values are logged and skipped."""
-    prefix = f"{key_prefix}node:"
+    prefix = node_keys(key_prefix)
     pattern = _GLOB_SPECIAL.sub(r"\\\1", prefix) + "*"
     # SCAN may return a key more than once.
     keys = sorted({_text(k) async for k in redis.scan_iter(match=pattern, count=SCAN_COUNT)})

@@ -7,6 +7,7 @@ from uuid import UUID
 from redis.asyncio import Redis
 
 from domain.contracts import Heartbeat
+from domain.keys import lease_key, node_key
 
 
 class Presence:
@@ -20,11 +21,11 @@ class Presence:
 
     def node_key(self, node_id: str) -> str:
         """The key that says a node is live; its value is the last heartbeat (JSON)."""
-        return f"{self.key_prefix}node:{node_id}"
+        return node_key(self.key_prefix, node_id)
 
     def lease_key(self, job_id: UUID, attempt: int) -> str:
         """The key that says an attempt's node is alive; its value is the node id."""
-        return f"{self.key_prefix}lease:{job_id}:{attempt}"
+        return lease_key(self.key_prefix, job_id, attempt)
 
     async def record(self, beat: Heartbeat) -> None:
         """Refresh the node's presence and the lease of every attempt it runs, atomically."""

@@ -33,6 +33,7 @@ from domain.application import JobsApplication, Outcome
 from domain.contracts import Dispatch
 from domain.errors import InvalidTransitionError
 from domain.job import JobStatus
+from domain.keys import lease_key
 from projections.amqp import AmqpPublisher
 from projections.dispatcher import dispatch_for
 from projections.jobboard import JobBoardView
@@ -49,11 +50,6 @@ _SELECT = (
     "SELECT job_id, status, attempt, node_id, updated_at FROM {table} "
     "WHERE status IN ('queued', 'claimed', 'running')"
 )
-
-
-def lease_key(prefix: str, job_id: UUID, attempt: int) -> str:
-    """The Redis key a node's heartbeats keep alive (written by handlers.presence)."""
-    return f"{prefix}lease:{job_id}:{attempt}"
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ from redis.asyncio import Redis
 
 from domain.application import JobsApplication, Outcome
 from domain.job import JobStatus
+from domain.keys import lease_key
 from domain.settings import StoreSettings
 from projections.__main__ import build_lock
 from projections.dispatcher import DISPATCHER_NAME, Dispatcher
 from projections.jobboard import JobBoardView
 from projections.tracking import build_tracking, close_tracking
 from projections.view import PROJECTION_NAME
-from projections.watchdog import WATCHDOG_NAME, Watchdog, lease_key, live_jobs
+from projections.watchdog import WATCHDOG_NAME, Watchdog, live_jobs
 from tests.projections.conftest import REDIS_URL, runner, spec
 from tests.projections.rabbit import Broker, broker
 
