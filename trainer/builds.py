@@ -9,7 +9,8 @@ A missing build is fetched on first use: the archive is downloaded next to the t
 checked against its hash, unpacked by the rules of `trainer.archive` into a temporary
 directory, and renamed into place. The rename is atomic, so a run never sees half a build;
 when two runs fetch the same build at once, the first rename wins and the other copy is
-discarded.
+discarded. A fetch cut short by a crash leaves its temporary files behind; the node removes
+them when it next starts (`sweep_stale_fetches`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import IO
 
@@ -127,6 +129,36 @@ def fetch_build(
         archive.unlink(missing_ok=True)
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+STALE_FETCH_S = 3600.0
+"""A temporary file or directory of a fetch untouched this long was left by a crash."""
+
+
+def sweep_stale_fetches(builds_dir: Path, older_than_s: float = STALE_FETCH_S) -> int:
+    """Remove what fetches cut short by a crash left in `builds_dir`; returns how many.
+
+    Only the temporaries `fetch_build` names (a dot, then the hash) and only old ones: a node
+    sharing the directory may be fetching right now.
+    """
+    if not builds_dir.is_dir():
+        return 0
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for path in builds_dir.glob(".*.*"):
+        if not path.name.endswith((".archive", ".unpack")):
+            continue
+        try:
+            if path.lstat().st_mtime > cutoff:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue  # another node swept it first
+        removed += 1
+    return removed
 
 
 def _download(store: ModelStore, sha256: str, out: IO[bytes]) -> None:

@@ -45,6 +45,7 @@ from domain.contracts import (
 from domain.rabbit import control_exchange, dead_letter_exchange, dead_letter_queue, work_queue
 from trainer import procs
 from trainer.archive import ArchiveLimits, ArchiveSettings
+from trainer.builds import sweep_stale_fetches
 from trainer.modelstore import ModelStore, ModelStoreSettings, create_model_store
 from trainer.ports import PortAllocator
 from trainer.runner import LOG_TAIL_BYTES, JobRun, RunnerConfig
@@ -136,6 +137,9 @@ class TrainNode:
         )
         await self._declare()
         await self.recover()
+        swept = await asyncio.to_thread(sweep_stale_fetches, self.runner_config.builds_dir)
+        if swept:
+            logger.info("removed %d leftovers of build fetches cut short", swept)
         self._loops = [
             asyncio.create_task(self._pull_dispatches(), name="dispatch"),
             asyncio.create_task(self._heartbeats(), name="heartbeat"),

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ from tests.trainer.conftest import ppo_config
 # moto's S3 server and a fresh bucket, as the model store's own tests set them up.
 from tests.trainer.test_modelstore import fake_aws_env, moto_endpoint, s3_store  # noqa: F401
 from tests.trainer.test_node import installation, model_settings
-from trainer.builds import EnvError, build_key, resolve_env
+from trainer.builds import EnvError, build_key, resolve_env, sweep_stale_fetches
 from trainer.modelstore import LocalModelStore, ModelStore, ObjectReader, S3ModelStore
 from trainer.node import create_app as create_node
 
@@ -58,6 +59,32 @@ def test_a_build_is_fetched_unpacked_and_runnable(tmp_path: Path) -> None:
     # Once there, it is used as it is: the store is not asked again.
     store.delete_prefix("builds")
     assert resolve_env(EnvRef(sha256=sha256), builds, store) == player
+
+
+def test_leftovers_of_a_fetch_cut_short_are_swept_and_a_fetch_in_progress_is_not(
+    tmp_path: Path,
+) -> None:
+    store = LocalModelStore(tmp_path / "models")
+    sha256 = store_archive(store, standin_tar_gz("reach", tmp_path / "standin"), tmp_path)
+    builds = tmp_path / "builds"
+    player = resolve_env(EnvRef(sha256=sha256), builds, store)
+    # What a node killed mid-fetch leaves: a partial archive and a half-unpacked directory.
+    crashed_archive = builds / f".{sha256}.k2j4x.archive"
+    crashed_archive.write_bytes(b"partial")
+    crashed_unpack = builds / f".{sha256}.p9q1z.unpack"
+    (crashed_unpack / "reach_Data").mkdir(parents=True)
+    two_hours_ago = time.time() - 7200
+    for path in (crashed_archive, crashed_unpack):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    # Another node sharing the directory, fetching right now.
+    in_progress = builds / f".{sha256}.a8b7c.archive"
+    in_progress.write_bytes(b"downloading")
+
+    assert sweep_stale_fetches(builds) == 2
+
+    assert hidden(builds) == [in_progress.name]
+    assert os.access(player, os.X_OK)  # builds themselves are kept
+    assert sweep_stale_fetches(tmp_path / "never-created") == 0
 
 
 def test_a_build_is_fetched_from_s3_and_a_damaged_copy_is_refused(
