@@ -91,6 +91,9 @@ class Fanout:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self.last_id: str | None = None
+        # How many entries the stream had ever had when `last_id` was added (Redis's
+        # `entries-added`), None if unknown: what tells that entries were trimmed unread.
+        self._added: int | None = None
 
     def job_key(self, job_id: str) -> str:
         """The key of one job's update stream."""
@@ -145,7 +148,7 @@ class Fanout:
         while True:
             try:
                 if self.last_id is None:
-                    self.last_id = await self._tip()
+                    self.last_id, self._added = await self._tip()
                     self._ready.set()
                     log.info("following %s after %s", self.key, self.last_id)
                 reply: Any = await self._reader.xread(
@@ -157,51 +160,83 @@ class Fanout:
                 log.warning("reading %s failed (%s); retrying in %.1f s", self.key, error, delay)
                 await asyncio.sleep(delay)
                 continue
-            failures = 0
-            if not reply:
+            entries = [entry for _key, found in reply or () for entry in found]
+            # After an idle read, after reads failed, and when behind: is the stream still
+            # the one read, and is nothing after the last id read trimmed away unread?
+            if not entries or failures or len(entries) >= self.read_count:
                 with contextlib.suppress(RedisError, OSError):  # the next read retries
-                    await self._check_reset()
-            for _key, entries in reply or ():
-                self._deliver(entries)
+                    await self._check_stream()
+            failures = 0
+            self._deliver(entries)
             # Let the connections send what was just queued before the next read.
             await asyncio.sleep(0)
 
-    async def _check_reset(self) -> None:
-        """After an idle read: start over if the stream now ends below where the reader is.
+    async def _check_stream(self) -> None:
+        """Start over if the stream was reset; end every subscriber if entries were missed.
 
-        That happens when the projections dropped streams written from another event store
-        (a local data directory deleted and started afresh) and write this log's from id 1:
-        reading on after the old id would skip them. Open connections are closed (1013) and
-        resume from the event log.
+        Reset: the stream now ends below where the reader is. That happens when the
+        projections dropped streams written from another event store (a local data directory
+        deleted and started afresh) and write this log's from id 1: reading on after the old
+        id would skip them.
+
+        Missed: entries above the last id read were trimmed before the reader got to them
+        (it could not reach Redis, or fell that far behind): its subscribers would never
+        see them.
+
+        Either way open connections are closed (1013) and resume, from their own last id,
+        from the job's stream or the event log.
         """
         if self.last_id is None or self.last_id == "0-0":
             return
         try:
             info: Any = await self._reader.xinfo_stream(self.key)
-            tip = str(info["last-generated-id"])
         except ResponseError:
-            tip = "0-0"  # no stream: it was deleted
-        if _id_key(tip) >= _id_key(self.last_id):
+            info = {}  # no stream: it was deleted
+        tip = str(info.get("last-generated-id") or "0-0")
+        if _id_key(tip) < _id_key(self.last_id):
+            log.warning(
+                "%s was reset (it ends at %s, read up to %s): reading it again from the start",
+                self.key,
+                tip,
+                self.last_id,
+            )
+            self.last_id, self._added = "0-0", 0
+            self._end_all("update stream reset")
+            return
+        # Trimming drops the oldest entries first: if any entry added after `last_id` is
+        # gone, so is every entry up to it, and the stream holds fewer than were added since.
+        added, length = info.get("entries-added"), int(info.get("length") or 0)
+        if self._added is None or added is None or int(added) - self._added <= length:
             return
         log.warning(
-            "%s was reset (it ends at %s, read up to %s): reading it again from the start",
+            "%s: %d entries after %s were trimmed before they were read: clients resume",
             self.key,
-            tip,
+            int(added) - self._added - length,
             self.last_id,
         )
-        self.last_id = "0-0"
+        self._added = int(added) - length  # the entries still there are read next
+        self._end_all("updates missed")
+
+    def _end_all(self, reason: str) -> None:
         for subs in self._subscribers.values():
             for sub in subs:
-                sub.end("update stream reset")
+                sub.end(reason)
 
-    async def _tip(self) -> str:
-        last: Any = await self._reader.xrevrange(self.key, "+", "-", count=1)
-        return str(last[0][0]) if last else "0-0"
+    async def _tip(self) -> tuple[str, int | None]:
+        """The stream's last id and how many entries it has ever had ("0-0", 0: no stream)."""
+        try:
+            info: Any = await self._reader.xinfo_stream(self.key)
+        except ResponseError:
+            return "0-0", 0
+        added = info.get("entries-added")  # Redis 7
+        return str(info["last-generated-id"]), None if added is None else int(added)
 
     def _deliver(self, entries: Sequence[Entry]) -> None:
         subscribers = self._subscribers
         for entry_id, fields in entries:
             self.last_id = entry_id
+            if self._added is not None:
+                self._added += 1
             subs = subscribers.get(fields.get("job_id", ""))
             if not subs:
                 continue

@@ -453,3 +453,30 @@ async def test_a_stream_written_again_from_a_new_log_closes_open_clients(streams
     # A new connection is served from the stream as it is now.
     async with streams.connect(job_id, token, query={"after": "0-0"}) as ws:
         assert ids(await updates(ws, 1)) == [1]
+
+
+async def test_updates_trimmed_before_the_reader_got_them_close_clients_which_then_get_them(
+    streams: Streams,
+) -> None:
+    # The gateway's reader could not reach Redis (or fell far behind) while the global stream
+    # was trimmed past it: its clients would silently miss those updates.
+    token, job_id = await streams.submitted("client-a")
+    async with streams.connect(job_id, token) as ws:
+        snapshot = await receive_json(ws)
+        tip = int(snapshot["id"].split("-")[0])
+        # Added and trimmed away in one transaction: the reader never sees them.
+        with streams.redis.pipeline(transaction=True) as pipe:
+            for position in range(tip + 1, tip + 4):
+                fields = {"position": str(position), "job_id": job_id, "type": "progress"}
+                fields |= {"status": "running", "attempt": "1", "node_id": "node-1"}
+                fields |= {"cancel_requested": "0", "timestamp": "2026-01-01T00:00:00+00:00"}
+                fields |= {"seq": str(position), "step": "1", "stats": "{}"}
+                for key in (streams.job_key(job_id), global_stream(streams.prefix)):
+                    pipe.xadd(key, fields, id=f"{position}-0")  # type: ignore[arg-type]
+            pipe.xtrim(global_stream(streams.prefix), maxlen=0)
+            pipe.execute()
+        _messages, code, reason = await until_closed(ws)
+        assert (code, reason) == (1013, "updates missed")
+    # Resuming from the last update it had, the client gets exactly what it missed.
+    async with streams.connect(job_id, token, query={"after": f"{tip}-0"}) as ws:
+        assert ids(await updates(ws, 3)) == [tip + 1, tip + 2, tip + 3]
