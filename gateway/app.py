@@ -8,6 +8,7 @@ shutdown.
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -65,8 +66,15 @@ def create_app(
     store: StoreSettings | None = None,
     model_store: ModelStoreSettings | None = None,
     build_settings: BuildSettings | None = None,
+    *,
+    settle_heap: bool = False,
 ) -> Starlette:
-    """The gateway app; settings default to the TRAINYARD_* environment."""
+    """The gateway app; settings default to the TRAINYARD_* environment.
+
+    `settle_heap`: once started, freeze the objects start-up created out of the garbage
+    collector's way (full collections would walk them all and stall every connection); for
+    the served app of a process, not for apps built in tests.
+    """
     gateway_settings = settings or GatewaySettings()
     store_settings = store or StoreSettings()
     model_store_settings = model_store or ModelStoreSettings()
@@ -76,6 +84,9 @@ def create_app(
         services = await anyio.to_thread.run_sync(
             build_services, gateway_settings, store_settings, model_store_settings
         )
+        if settle_heap:
+            gc.collect()
+            gc.freeze()
         try:
             yield {"services": services}
         finally:
@@ -92,4 +103,4 @@ def create_app(
     return app
 
 
-app = create_app()
+app = create_app(settle_heap=True)
