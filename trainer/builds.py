@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -34,6 +35,9 @@ from trainer.modelstore import (
     validate_key,
 )
 from trainer.standin import builtin_build
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+"""The name of an uploaded build's directory."""
 
 
 class EnvError(Exception):
@@ -68,11 +72,18 @@ def resolve_env(
             raise EnvError(str(error)) from None
     assert env.sha256 is not None
     directory = builds_dir / env.sha256
-    if not directory.is_dir():
-        if store is None:
-            raise EnvError(f"build {env.sha256} is not on this node (no directory {directory})")
-        fetch_build(store, env.sha256, builds_dir, limits)
-    return find_player(directory, env.sha256)
+    for _ in range(2):  # again if an unused build was swept away at this very moment
+        if not directory.is_dir():
+            if store is None:
+                raise EnvError(f"build {env.sha256} is not on this node (no directory {directory})")
+            fetch_build(store, env.sha256, builds_dir, limits)
+        try:
+            # Marked used now: what `sweep_unused_builds` goes by.
+            os.utime(directory)
+            return find_player(directory, env.sha256)
+        except FileNotFoundError:
+            continue
+    raise EnvError(f"build {env.sha256} kept disappearing from {directory}")
 
 
 def find_player(directory: Path, sha256: str) -> Path:
@@ -159,6 +170,32 @@ def sweep_stale_fetches(builds_dir: Path, older_than_s: float = STALE_FETCH_S) -
             continue  # another node swept it first
         removed += 1
     return removed
+
+
+def sweep_unused_builds(builds_dir: Path, keep_days: float) -> list[str]:
+    """Delete the uploaded builds no run used for `keep_days` days; their hashes.
+
+    A run marks its build used when it starts (the directory's modification time), so a
+    build a run uses now, on this node or another sharing the directory, is kept. A deleted
+    build is fetched again if a job needs it. `keep_days` 0 keeps every build.
+    """
+    if keep_days <= 0 or not builds_dir.is_dir():
+        return []
+    cutoff = time.time() - keep_days * 86400
+    removed = []
+    for path in builds_dir.iterdir():
+        if not SHA256.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            if path.stat().st_mtime > cutoff:
+                continue
+            # Renamed away first, so no run finds half a build while it is deleted.
+            doomed = path.rename(builds_dir / f".{path.name}.{os.getpid()}.unpack")
+        except FileNotFoundError:
+            continue  # another node swept it first
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(path.name)
+    return sorted(removed)
 
 
 def _download(store: ModelStore, sha256: str, out: IO[bytes]) -> None:

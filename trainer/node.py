@@ -45,7 +45,7 @@ from domain.contracts import (
 from domain.rabbit import control_exchange, dead_letter_exchange, dead_letter_queue, work_queue
 from trainer import procs
 from trainer.archive import ArchiveLimits, ArchiveSettings
-from trainer.builds import sweep_stale_fetches
+from trainer.builds import sweep_stale_fetches, sweep_unused_builds
 from trainer.modelstore import ModelStore, ModelStoreSettings, create_model_store
 from trainer.ports import PortAllocator
 from trainer.runner import LOG_TAIL_BYTES, JobRun, RunnerConfig
@@ -140,6 +140,7 @@ class TrainNode:
         swept = await asyncio.to_thread(sweep_stale_fetches, self.runner_config.builds_dir)
         if swept:
             logger.info("removed %d leftovers of build fetches cut short", swept)
+        await self._sweep_unused_builds()
         self._loops = [
             asyncio.create_task(self._pull_dispatches(), name="dispatch"),
             asyncio.create_task(self._heartbeats(), name="heartbeat"),
@@ -281,6 +282,24 @@ class TrainNode:
         self.runs[key] = run
         self.tasks[key] = asyncio.create_task(self._run(key, run), name=f"run {key}")
 
+    async def _sweep_unused_builds(self) -> None:
+        """Delete uploaded builds no run used for `builds_keep_days` (at start, after runs)."""
+        try:
+            removed = await asyncio.to_thread(
+                sweep_unused_builds,
+                self.runner_config.builds_dir,
+                self.settings.builds_keep_days,
+            )
+        except OSError as error:
+            logger.warning("could not sweep unused builds: %s", error)
+            return
+        for sha256 in removed:
+            logger.info(
+                "deleted build %s: no run used it in %g days",
+                sha256,
+                self.settings.builds_keep_days,
+            )
+
     def _record(self, run: JobRun) -> RunRecord:
         return RunRecord(
             job_id=str(run.dispatch.job_id),
@@ -309,6 +328,7 @@ class TrainNode:
             self._changed.set()
         if ended:
             await self.state.remove(str(key[0]), key[1])
+        await self._sweep_unused_builds()
         if self.draining and not self.runs:
             for callback in self.on_drained:
                 callback()

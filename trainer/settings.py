@@ -42,6 +42,9 @@ class NodeSettings(BaseSettings):
     builds_dir: Path = Field(
         Path("var/builds"), description="Environment builds: built-ins, and uploads by sha256"
     )
+    builds_keep_days: float = Field(
+        14.0, ge=0, description="Uploaded builds no run used this many days are deleted (0: never)"
+    )
     port_base: int = Field(
         20000, ge=1024, le=65000, description="First port of the blocks given to runs"
     )

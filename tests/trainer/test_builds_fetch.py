@@ -26,7 +26,13 @@ from tests.trainer.conftest import ppo_config
 # moto's S3 server and a fresh bucket, as the model store's own tests set them up.
 from tests.trainer.test_modelstore import fake_aws_env, moto_endpoint, s3_store  # noqa: F401
 from tests.trainer.test_node import installation, model_settings
-from trainer.builds import EnvError, build_key, resolve_env, sweep_stale_fetches
+from trainer.builds import (
+    EnvError,
+    build_key,
+    resolve_env,
+    sweep_stale_fetches,
+    sweep_unused_builds,
+)
 from trainer.modelstore import LocalModelStore, ModelStore, ObjectReader, S3ModelStore
 from trainer.node import create_app as create_node
 
@@ -85,6 +91,31 @@ def test_leftovers_of_a_fetch_cut_short_are_swept_and_a_fetch_in_progress_is_not
     assert hidden(builds) == [in_progress.name]
     assert os.access(player, os.X_OK)  # builds themselves are kept
     assert sweep_stale_fetches(tmp_path / "never-created") == 0
+
+
+def test_builds_no_run_used_for_the_days_kept_are_deleted_and_fetched_again_when_needed(
+    tmp_path: Path,
+) -> None:
+    store = LocalModelStore(tmp_path / "models")
+    old = store_archive(store, standin_tar_gz("reach", tmp_path / "reach"), tmp_path)
+    recent = store_archive(store, standin_tar_gz("gridgoal", tmp_path / "gridgoal"), tmp_path)
+    builds = tmp_path / "builds"
+    for sha256 in (old, recent):
+        resolve_env(EnvRef(sha256=sha256), builds, store)
+    resolve_env(EnvRef(builtin="reach"), builds, store)
+    three_weeks_ago = time.time() - 21 * 86400
+    for sha256 in (old, recent):
+        os.utime(builds / sha256, (three_weeks_ago, three_weeks_ago))
+    resolve_env(EnvRef(sha256=recent), builds, store)  # a run uses it again today
+
+    assert sweep_unused_builds(builds, keep_days=0) == []  # 0 keeps every build
+    assert sweep_unused_builds(builds, keep_days=14) == [old]
+
+    assert sorted(p.name for p in builds.iterdir()) == sorted(["builtin", recent])
+    # A job that needs the deleted build later fetches it again.
+    player = resolve_env(EnvRef(sha256=old), builds, store)
+    assert player == builds / old / "reach"
+    assert os.access(player, os.X_OK)
 
 
 def test_a_build_is_fetched_from_s3_and_a_damaged_copy_is_refused(
