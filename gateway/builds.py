@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from domain.errors import FieldError
+from gateway.auth import client_id
 from gateway.errors import ApiError, bad_request
 from gateway.services import Services, services
 from trainer.archive import ArchiveError, ArchiveKind, ArchiveSettings, archive_kind, check_archive
@@ -168,7 +169,8 @@ async def upload_build(request: Request) -> Response:
       (a file with an executable bit, or named *.x86_64; shared libraries aside), only regular
       files and directories, relative paths without '..', within the member and unpacked-size
       limits. The answer's sha256 (of the archive's bytes) is what a job names as
-      env: {sha256: ...}. Uploading the same archive again answers 200 and stores nothing.
+      env: {sha256: ...}; only the clients that uploaded a build can name it. Uploading the
+      same archive again answers 200 and stores nothing.
     requestBody:
       required: true
       content:
@@ -200,6 +202,7 @@ async def upload_build(request: Request) -> Response:
             stored = await svc.run(_stat, svc, key)
             if stored is not None and stored.sha256 == sha256:
                 # Checked and stored before: the same bytes pass the same rules.
+                await svc.run(svc.uploads.record, sha256, client_id(request))
                 return JSONResponse(body, status_code=200, headers=headers)
             await svc.run(check_archive, spool.path, settings.limits())
         except ArchiveError as error:
@@ -208,6 +211,7 @@ async def upload_build(request: Request) -> Response:
             await svc.run(svc.models.put_file, key, spool.path)
         except ModelStoreError as error:
             raise _unavailable(error) from None
+        await svc.run(svc.uploads.record, sha256, client_id(request))
         return JSONResponse(body, status_code=201, headers=headers)
     finally:
         await svc.run(spool.discard)
@@ -229,6 +233,9 @@ async def get_build(request: Request) -> Response:
     sha256 = request.path_params["sha256"]
     if not _SHA256.fullmatch(sha256):
         raise ApiError(404, "no such build (a build's id is its sha256: 64 lowercase hex digits)")
+    # Another client's build does not exist for this one.
+    if not await svc.run(svc.uploads.uploaded, sha256, client_id(request)):
+        raise ApiError(404, "no such build")
     stored = await svc.run(_stat, svc, build_key(sha256))
     if stored is None:
         raise ApiError(404, "no such build")

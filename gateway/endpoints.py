@@ -153,6 +153,7 @@ async def submit_job(request: Request) -> Response:
     description: >-
       The body is the job spec (config, env, seed, max_steps, num_envs, time_limit_s) plus an
       optional request_id; repeating a request_id with the same spec returns the same job.
+      env.sha256 must name a build this client uploaded (POST /builds); 422 otherwise.
     requestBody:
       required: true
       content:
@@ -171,6 +172,10 @@ async def submit_job(request: Request) -> Response:
     body = await read_json(request, svc.settings.body_limit_bytes)
     spec_data, request_id = split_request_id(body)
     spec = await svc.run(parse_job_spec, spec_data)  # YAML parsing is CPU work: off the loop
+    sha256 = spec.env.sha256
+    if sha256 is not None and not await svc.run(svc.uploads.uploaded, sha256, client_id(request)):
+        reason = "no build with this sha256 was uploaded by this client (POST /builds first)"
+        raise ApiError(422, f"env.sha256: {reason}", [FieldError("env.sha256", reason)])
     job_id = await svc.run(svc.jobs.submit, spec, client_id(request), request_id)
     return JSONResponse(
         {"job_id": str(job_id)}, status_code=201, headers={"Location": f"/jobs/{job_id}"}

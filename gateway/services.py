@@ -23,6 +23,7 @@ from gateway.fanout import Fanout
 from gateway.settings import GatewaySettings
 from gateway.tokens import TokenStore
 from gateway.updates import UpdateHistory
+from gateway.uploads import BuildUploads
 from trainer.modelstore import ModelStore, ModelStoreSettings, create_model_store
 
 T = TypeVar("T")
@@ -36,6 +37,7 @@ class Services:
     jobs: JobsApplication
     db: Database
     tokens: TokenStore
+    uploads: BuildUploads
     board: JobBoard
     history: UpdateHistory
     models: ModelStore
@@ -87,6 +89,8 @@ def build_services(
     try:
         tokens = TokenStore(db)
         tokens.create_table()
+        uploads = BuildUploads(db)
+        uploads.create_table()
         jobs = JobsApplication(store.eventsourcing_env(), max_attempts=store.max_attempts)
     except BaseException:
         db.close()
@@ -96,6 +100,7 @@ def build_services(
         jobs=jobs,
         db=db,
         tokens=tokens,
+        uploads=uploads,
         board=JobBoard(db),
         history=UpdateHistory(jobs, db),
         models=create_model_store(model_store),

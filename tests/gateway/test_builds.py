@@ -9,11 +9,12 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import postgres_settings
-from tests.gateway.conftest import Gateway, start
+from tests.gateway.conftest import CONFIG, Gateway, start
 from tests.trainer.buildarchives import GZIP, ZIP, Entry, standin_tar_gz, tar_gz, zip_archive
 from trainer.builds import build_key
 
@@ -42,18 +43,47 @@ def test_a_build_is_stored_by_sha256_once_and_can_be_looked_up(
         before = stored_file.stat()
 
         again = http.post("/builds", content=archive, headers={"Content-Type": GZIP})
-        # Another client uploading the same bytes gets the same build.
+        looked_up = http.get(f"/builds/{sha256}")
+        # Another client's build does not exist for it, until it uploads the same bytes.
         with gateway.client("client-b") as other:
-            looked_up = other.get(f"/builds/{sha256}")
+            unseen = other.get(f"/builds/{sha256}")
+            theirs_too = other.post("/builds", content=archive, headers={"Content-Type": GZIP})
+            seen = other.get(f"/builds/{sha256}")
 
     assert again.status_code == 200, again.text
     assert again.json() == first.json()
+    assert unseen.status_code == 404
+    assert theirs_too.status_code == 200, theirs_too.text
     after = stored_file.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
-    assert looked_up.status_code == 200
-    assert looked_up.json() == {"sha256": sha256, "size": len(archive)}
+    for found in (looked_up, seen):
+        assert found.status_code == 200
+        assert found.json() == {"sha256": sha256, "size": len(archive)}
     with gateway.models.open(build_key(sha256)) as reader:
         assert reader.read() == archive
+
+
+def test_a_job_may_name_only_a_build_its_client_uploaded(gateway: Gateway, tmp_path: Path) -> None:
+    archive = standin_tar_gz("reach", tmp_path / "standin")
+    sha256 = hashlib.sha256(archive).hexdigest()
+    body: dict[str, Any] = {"config": CONFIG, "env": {"sha256": sha256}}
+    with gateway.client("client-a") as http:
+        before_upload = http.post("/jobs", json=body)
+        uploaded = http.post("/builds", content=archive, headers={"Content-Type": GZIP})
+        accepted = http.post("/jobs", json=body)
+    with gateway.client("client-b") as other:
+        someone_elses = other.post("/jobs", json=body)
+
+    assert uploaded.status_code == 201, uploaded.text
+    assert accepted.status_code == 201, accepted.text
+    for refused in (before_upload, someone_elses):
+        assert refused.status_code == 422, refused.text
+        (error,) = refused.json()["errors"]
+        assert error["field"] == "env.sha256"
+        assert "POST /builds" in error["reason"]
+    # Nothing was recorded for the refused submissions.
+    with gateway.client("client-b") as other:
+        assert other.get("/jobs").json()["jobs"] == []
 
 
 def test_a_zip_made_on_windows_is_accepted_by_its_player_name(gateway: Gateway) -> None:

@@ -17,7 +17,7 @@ from faststream import TestApp
 
 from domain.contracts import Dispatch
 from domain.job import JobStatus
-from domain.spec import EnvRef
+from domain.spec import EnvRef, parse_job_spec
 from tests.conftest import sqlite_settings
 from tests.gateway.conftest import start as start_gateway
 from tests.trainer.buildarchives import GZIP, Entry, standin_tar_gz, tar_gz
@@ -236,24 +236,30 @@ async def test_an_uploaded_build_trains_on_a_node_and_a_missing_one_fails_the_jo
         # The gateway on the installation's event store and model store (tmp_path/models).
         with start_gateway(sqlite_settings(tmp_path), tmp_path) as gateway:
 
-            def upload_and_submit() -> tuple[str, list[str]]:
+            def upload_and_submit() -> tuple[str, str]:
                 with gateway.client("client-1") as http:
                     uploaded = http.post("/builds", content=archive, headers={"Content-Type": GZIP})
                     assert uploaded.status_code == 201, uploaded.text
                     sha256 = uploaded.json()["sha256"]
-                    job_ids = []
-                    for env in ({"sha256": sha256}, {"sha256": missing}):
-                        body = {
-                            "config": ppo_config("Reach", 1000, summary_freq=500),
-                            "env": env,
-                            "seed": 3,
-                        }
-                        submitted = http.post("/jobs", json=body)
-                        assert submitted.status_code == 201, submitted.text
-                        job_ids.append(submitted.json()["job_id"])
-                return sha256, job_ids
+                    body = {
+                        "config": ppo_config("Reach", 1000, summary_freq=500),
+                        "env": {"sha256": sha256},
+                        "seed": 3,
+                    }
+                    submitted = http.post("/jobs", json=body)
+                    assert submitted.status_code == 201, submitted.text
+                    # A build never uploaded is refused at once, naming the field.
+                    refused = http.post("/jobs", json=body | {"env": {"sha256": missing}})
+                    assert refused.status_code == 422, refused.text
+                    assert refused.json()["errors"][0]["field"] == "env.sha256"
+                return sha256, submitted.json()["job_id"]
 
-            sha256, (good_id, missing_id) = await asyncio.to_thread(upload_and_submit)
+            sha256, good_id = await asyncio.to_thread(upload_and_submit)
+        # A job whose build the store no longer has (deleted after it was accepted) fails.
+        spec = parse_job_spec(
+            {"config": ppo_config("Reach", 1000, summary_freq=500), "env": {"sha256": missing}}
+        )
+        missing_id = str(await asyncio.to_thread(setup.jobs.submit, spec, "client-1"))
 
         assert sha256 == hashlib.sha256(archive).hexdigest()
         async with TestApp(create_node(setup.node, model_settings(setup))):
