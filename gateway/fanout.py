@@ -193,6 +193,8 @@ class Fanout:
         except ResponseError:
             info = {}  # no stream: it was deleted
         tip = str(info.get("last-generated-id") or "0-0")
+        length = int(info.get("length") or 0)
+        added = None if info.get("entries-added") is None else int(info["entries-added"])
         if _id_key(tip) < _id_key(self.last_id):
             log.warning(
                 "%s was reset (it ends at %s, read up to %s): reading it again from the start",
@@ -200,21 +202,22 @@ class Fanout:
                 tip,
                 self.last_id,
             )
-            self.last_id, self._added = "0-0", 0
+            # Read from the start, every entry it holds comes next (none: a stream made anew).
+            self.last_id = "0-0"
+            self._added = 0 if not info else None if added is None else added - length
             self._end_all("update stream reset")
             return
         # Trimming drops the oldest entries first: if any entry added after `last_id` is
         # gone, so is every entry up to it, and the stream holds fewer than were added since.
-        added, length = info.get("entries-added"), int(info.get("length") or 0)
-        if self._added is None or added is None or int(added) - self._added <= length:
+        if self._added is None or added is None or added - self._added <= length:
             return
         log.warning(
             "%s: %d entries after %s were trimmed before they were read: clients resume",
             self.key,
-            int(added) - self._added - length,
+            added - self._added - length,
             self.last_id,
         )
-        self._added = int(added) - length  # the entries still there are read next
+        self._added = added - length  # the entries still there are read next
         self._end_all("updates missed")
 
     def _end_all(self, reason: str) -> None:
