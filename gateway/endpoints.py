@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
+from uuid import UUID
 
 import anyio
 from starlette.requests import Request
@@ -171,12 +172,18 @@ async def submit_job(request: Request) -> Response:
     svc = services(request)
     body = await read_json(request, svc.settings.body_limit_bytes)
     spec_data, request_id = split_request_id(body)
-    spec = await svc.run(parse_job_spec, spec_data)  # YAML parsing is CPU work: off the loop
-    sha256 = spec.env.sha256
-    if sha256 is not None and not await svc.run(svc.uploads.uploaded, sha256, client_id(request)):
-        reason = "no build with this sha256 was uploaded by this client (POST /builds first)"
-        raise ApiError(422, f"env.sha256: {reason}", [FieldError("env.sha256", reason)])
-    job_id = await svc.run(svc.jobs.submit, spec, client_id(request), request_id)
+    client = client_id(request)
+
+    def submit() -> UUID:
+        # One trip to a worker thread: YAML parsing is CPU work, the rest blocks.
+        spec = parse_job_spec(spec_data)
+        sha256 = spec.env.sha256
+        if sha256 is not None and not svc.uploads.uploaded(sha256, client):
+            reason = "no build with this sha256 was uploaded by this client (POST /builds first)"
+            raise ApiError(422, f"env.sha256: {reason}", [FieldError("env.sha256", reason)])
+        return svc.jobs.submit(spec, client, request_id)
+
+    job_id = await svc.run(submit)
     return JSONResponse(
         {"job_id": str(job_id)}, status_code=201, headers={"Location": f"/jobs/{job_id}"}
     )
