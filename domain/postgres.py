@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, cast
 
 import psycopg
@@ -113,7 +112,7 @@ class ArrayInsertRecorder(PostgresApplicationRecorder):
             return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
 
 
-@contextmanager
+@contextlib.contextmanager
 def pipelined_transaction(conn: Connection[Any]) -> Iterator[None]:
     """A transaction whose statements, BEGIN and COMMIT included, go in one pipeline.
 
@@ -203,7 +202,7 @@ class StoreFactory(PostgresFactory):
         with self._ddl_lock():
             return super().tracking_recorder(tracking_recorder_class)
 
-    @contextmanager
+    @contextlib.contextmanager
     def _ddl_lock(self) -> Iterator[None]:
         if not self.env_create_table():
             yield
